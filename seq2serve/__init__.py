@@ -1,0 +1,3 @@
+"""seq2serve: serve Transformer encoder-decoder models."""
+
+__version__ = "0.1.0"

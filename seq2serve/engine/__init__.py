@@ -1,0 +1,1 @@
+"""Serving engine: generation loop, batching and streaming text output."""
