@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from seq2serve.atomic import atomic_directory
 from seq2serve.config import ModelConfig
 from seq2serve.data.files import Example, load_examples
 from seq2serve.data.task import build_default_task, language_tags
@@ -225,9 +224,7 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
 ) -> None:
     """Write the checkpoint to a temporary sibling, then swap it in: never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.cfg.save(tmp / "config.json")
         tok.save(str(tmp / "tokenizer.json"))
         save_weights(model, tmp / "model.safetensors")
@@ -236,13 +233,6 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _optimizer_tensors(

@@ -1,0 +1,177 @@
+"""Load a model bundle for onnxruntime, refusing anything that is not what the manifest says.
+
+Checked at start, each failure naming the file: every file the manifest lists exists and
+matches its sha256; config.json is a valid config; the graphs' inputs and outputs match the
+contract in ``seq2serve.contract``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from seq2serve import contract
+from seq2serve.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class BundleError(RuntimeError):
+    """A bundle that must not be served; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    config: ModelConfig
+    tokenizer: Tokenizer
+    manifest: dict[str, Any]
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    quantized: bool
+    provider: str  # the execution provider actually in use
+
+    @property
+    def model_id(self) -> str:
+        return self.path.name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    file = path / contract.MANIFEST_FILE
+    if not file.exists():
+        raise BundleError(f"{file}: missing (is {path} a seq2serve bundle? run `seq2serve export`)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{file}: has no 'files' table")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    for name in names:
+        file = path / name
+        entry = manifest["files"].get(name)
+        if entry is None:
+            raise BundleError(f"{file}: not listed in {contract.MANIFEST_FILE}")
+        if not file.exists():
+            raise BundleError(f"{file}: missing")
+        if _sha256(file) != entry.get("sha256"):
+            raise BundleError(
+                f"{file}: sha256 does not match {contract.MANIFEST_FILE} (corrupted or replaced)"
+            )
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    n = threads or os.cpu_count() or 1
+    opts.intra_op_num_threads = n
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+def providers_for(device: str) -> list[str]:
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        log.warning(
+            "CUDA was asked for but onnxruntime has no CUDAExecutionProvider "
+            "(available: %s); falling back to CPU",
+            ", ".join(available),
+        )
+    elif device != "cpu":
+        raise BundleError(f"device must be cpu or cuda, got {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+def _graph_io(
+    session: ort.InferenceSession, outputs: bool
+) -> list[tuple[str, str, tuple[Any, ...]]]:
+    items = session.get_outputs() if outputs else session.get_inputs()
+    kinds = {"tensor(int64)": "int64", "tensor(float)": "float"}
+    return [(i.name, kinds.get(i.type, i.type), tuple(i.shape)) for i in items]
+
+
+def load_bundle(
+    path: str | Path, quantized: bool = False, device: str = "cpu", threads: int | None = None
+) -> Bundle:
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a directory")
+    manifest = read_manifest(path)
+    encoder_file = contract.onnx_file(contract.ENCODER_FILE, quantized)
+    decoder_file = contract.onnx_file(contract.DECODER_FILE, quantized)
+    needed = [
+        contract.CONFIG_FILE,
+        contract.TOKENIZER_FILE,
+        encoder_file,
+        decoder_file,
+        contract.onnx_data_file(quantized),
+    ]
+    if quantized and encoder_file not in manifest["files"]:
+        raise BundleError(
+            f"{path / encoder_file}: this bundle has no int8 graphs (export with --quantize int8)"
+        )
+    verify_files(path, manifest, needed)
+    try:
+        config = ModelConfig.load(path / contract.CONFIG_FILE)
+    except ConfigError as err:
+        raise BundleError(str(err)) from err
+    try:
+        tokenizer = Tokenizer.from_file(str(path / contract.TOKENIZER_FILE))
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        raise BundleError(f"{path / contract.TOKENIZER_FILE}: cannot be loaded ({err})") from err
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise BundleError(
+            f"{path / contract.TOKENIZER_FILE}: {tokenizer.get_vocab_size()} tokens, "
+            f"more than config vocab_size {config.vocab_size}"
+        )
+
+    providers = providers_for(device)
+    sessions = {}
+    for file in (encoder_file, decoder_file):
+        try:
+            sessions[file] = ort.InferenceSession(
+                str(path / file), sess_options=_session_options(threads), providers=providers
+            )
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
+    problems = []
+    for file, (inputs, outputs) in contract.graph_specs(config).items():
+        session = sessions[contract.onnx_file(file, quantized)]
+        name = contract.onnx_file(file, quantized)
+        problems += contract.check_io(name, inputs, _graph_io(session, False), "inputs")
+        problems += contract.check_io(name, outputs, _graph_io(session, True), "outputs")
+    if problems:
+        raise BundleError(f"{path}: graphs do not match the contract: " + "; ".join(problems))
+    provider = sessions[encoder_file].get_providers()[0]
+    return Bundle(
+        path=path,
+        config=config,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        encoder=sessions[encoder_file],
+        decoder=sessions[decoder_file],
+        quantized=quantized,
+        provider=provider,
+    )

@@ -1,0 +1,357 @@
+"""Generation over a batch whose rows are at different steps: what continuous batching drives.
+
+A ``DecodeBatch`` holds one row per live sequence. ``add`` encodes new sequences (once: their
+cross-attention keys/values are kept for every later step) and appends them as rows whose
+cached positions so far are masked holes; ``step`` runs one decoder call for every row and
+picks each row's next token; finished and cancelled rows leave before the next step. Rows
+never influence each other: masks hide other rows' padding and holes, so a greedy sequence
+gets the same tokens whatever shares its batch.
+
+Arrays kept across steps (shapes as in the model: B rows, H heads, S source, P past, D head):
+
+| array          | shape        | changes                                           |
+|----------------|--------------|---------------------------------------------------|
+| ``cross[j]``   | (B, H, S, D) | when rows join or leave                           |
+| ``enc_mask``   | (B, S)       | when rows join or leave                           |
+| ``past[j]``    | (B, H, P, D) | every step (P + 1), trimmed when leading holes    |
+| ``dec_mask``   | (B, P)       | every step; 0 marks a hole (a row that joined late) |
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from seq2serve.config import ModelConfig
+from seq2serve.engine.runtime import Backend
+from seq2serve.engine.text import TextStream, special_token_ids
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # CTRL-style, over the tokens generated so far
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one sequence, with the text it decided."""
+
+    seq_id: int
+    token_id: int
+    text: str  # new text this token decided (may be "": a partial character, or held back)
+    logprob: float  # log-probability of the token under the model
+    special: bool
+    finish_reason: str | None = None  # set on a sequence's last event
+
+
+@dataclass
+class Sequence:
+    """One request's generation state."""
+
+    source_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    special_ids: frozenset[int]
+    id: int = field(default_factory=itertools.count().__next__)
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.stream = TextStream(self.tokenizer, self.params.stop, special_ids=self.special_ids)
+        seed = self.params.seed
+        self.rng = np.random.default_rng(seed if seed is not None else None)
+        self.seed = seed
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) -> np.ndarray:
+    """One row's logits (V,) after repetition penalty, temperature, top-k and top-p.
+
+    The same order and semantics as the PyTorch reference (``seq2serve.model.generate``).
+    """
+    logits = logits.astype(np.float32, copy=True)
+    if p.repetition_penalty != 1.0 and generated:
+        seen = np.unique(np.asarray(generated))
+        values = logits[seen]
+        logits[seen] = np.where(
+            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+        )
+    if not p.do_sample:
+        return logits
+    logits /= p.temperature
+    if 0 < p.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -p.top_k)[-p.top_k]
+        logits[logits < kth] = -np.inf
+    if p.top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(log_softmax(logits[order]))
+        before = np.cumsum(probs) - probs
+        drop = before >= p.top_p
+        drop[0] = False
+        logits[order[drop]] = -np.inf
+    return logits
+
+
+def choose(logits: np.ndarray, seq: Sequence) -> int:
+    p = seq.params
+    processed = process_logits(logits, seq.generated, p)
+    if not p.do_sample:
+        return int(processed.argmax())
+    probs = np.exp(log_softmax(processed).astype(np.float64))
+    return int(seq.rng.choice(probs.shape[-1], p=probs / probs.sum()))
+
+
+def _pad_to(array: np.ndarray, axis: int, length: int) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if missing <= 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, missing)
+    return np.pad(array, widths)
+
+
+class DecodeBatch:
+    """The running batch of continuous batching (see the module docstring)."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer) -> None:
+        self.backend = backend
+        self.config: ModelConfig = backend.config
+        self.tokenizer = tokenizer
+        self.special_ids = special_token_ids(tokenizer)
+        self.rows: list[Sequence] = []
+        n, h, d = self.config.n_decoder_layers, self.config.n_heads, self.config.head_dim
+        self.cross = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
+        self.enc_mask = np.zeros((0, 0), np.int64)
+        self.past = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
+        self.dec_mask = np.zeros((0, 0), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def new_sequence(self, source_ids: list[int], params: SamplingParams) -> Sequence:
+        return Sequence(source_ids, params, self.tokenizer, self.special_ids)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Encode ``seqs`` in one encoder call and append them as rows."""
+        if not seqs:
+            return
+        width = max(len(s.source_ids) for s in seqs)
+        ids = np.full((len(seqs), width), self.config.pad_token_id, np.int64)
+        mask = np.zeros((len(seqs), width), np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s.source_ids)] = s.source_ids
+            mask[i, : len(s.source_ids)] = 1
+        encoded = self.backend.encode(ids, mask)
+        self.add_encoded(seqs, encoded.cross, mask)
+
+    def add_encoded(
+        self, seqs: list[Sequence], cross: list[np.ndarray], enc_mask: np.ndarray
+    ) -> None:
+        """Append rows whose encoder output is already computed (cross K/V per layer)."""
+        s = max(self.enc_mask.shape[1], enc_mask.shape[1])
+        self.cross = [
+            np.concatenate([_pad_to(old, 2, s), _pad_to(new, 2, s)], axis=0)
+            for old, new in zip(self.cross, cross, strict=True)
+        ]
+        self.enc_mask = np.concatenate([_pad_to(self.enc_mask, 1, s), _pad_to(enc_mask, 1, s)])
+        n, p = len(seqs), self.dec_mask.shape[1]
+        self.past = [
+            np.concatenate([old, np.zeros((n, *old.shape[1:]), old.dtype)]) for old in self.past
+        ]
+        self.dec_mask = np.concatenate([self.dec_mask, np.zeros((n, p), np.int64)])
+        self.rows.extend(seqs)
+
+    def remove(self, seq_ids: set[int]) -> None:
+        """Drop rows (finished or cancelled) and trim columns no remaining row uses."""
+        keep = [i for i, s in enumerate(self.rows) if s.id not in seq_ids]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        index = np.asarray(keep, dtype=np.int64)
+        self.past = [a[index] for a in self.past]
+        self.dec_mask = self.dec_mask[index]
+        self.cross = [a[index] for a in self.cross]
+        self.enc_mask = self.enc_mask[index]
+        # Leading holes every row has (rows that joined late) and trailing source padding
+        # no row needs cost work in every step: cut them.
+        used = np.flatnonzero(self.dec_mask.any(axis=0))
+        first = int(used[0]) if used.size else self.dec_mask.shape[1]
+        if first:
+            self.past = [a[:, :, first:] for a in self.past]
+            self.dec_mask = self.dec_mask[:, first:]
+        s = int(self.enc_mask.sum(axis=1).max()) if self.rows else 0
+        if s < self.enc_mask.shape[1]:
+            self.cross = [a[:, :, :s] for a in self.cross]
+            self.enc_mask = self.enc_mask[:, :s]
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """One decoder call for every row; returns one event per row. Finished rows leave."""
+        if not self.rows:
+            return []
+        cfg = self.config
+        b = len(self.rows)
+        last = [s.generated[-1] if s.generated else cfg.decoder_start_token_id for s in self.rows]
+        input_ids = np.asarray(last, np.int64)[:, None]
+        position_ids = np.asarray([len(s.generated) for s in self.rows], np.int64)[:, None]
+        dec_mask = np.concatenate([self.dec_mask, np.ones((b, 1), np.int64)], axis=1)
+        out = self.backend.decode(
+            input_ids, position_ids, dec_mask, self.enc_mask, self.past, self.cross
+        )
+        self.past, self.dec_mask = out.present, dec_mask
+        logits = out.logits[:, -1]  # (B, V)
+        logprobs = log_softmax(logits)
+        greedy = np.argmax(logits, axis=-1)
+        events, finished = [], set()
+        for i, seq in enumerate(self.rows):
+            p = seq.params
+            plain = not p.do_sample and p.repetition_penalty == 1.0
+            token = int(greedy[i]) if plain else choose(logits[i], seq)
+            events.append(self._advance(seq, token, float(logprobs[i, token])))
+            if seq.finish_reason is not None:
+                finished.add(seq.id)
+        self.remove(finished)
+        return events
+
+    def _advance(self, seq: Sequence, token: int, logprob: float) -> TokenEvent:
+        cfg = self.config
+        seq.generated.append(token)
+        text, stopped = seq.stream.push(token)
+        if stopped:
+            seq.finish_reason = FINISH_STOP
+        elif token == cfg.eos_token_id:
+            seq.finish_reason = FINISH_EOS
+        elif (
+            len(seq.generated) >= seq.params.max_new_tokens
+            or len(seq.generated) >= cfg.max_target_positions
+        ):
+            seq.finish_reason = FINISH_LENGTH
+        if seq.finish_reason is not None and not stopped:
+            text += seq.stream.finish()
+        return TokenEvent(
+            seq.id, token, text, logprob, token in self.special_ids, seq.finish_reason
+        )
+
+    def cancel(self, seq_id: int) -> bool:
+        """Remove a sequence before the next step (a client went away)."""
+        if any(s.id == seq_id for s in self.rows):
+            self.remove({seq_id})
+            return True
+        return False
+
+
+def run_to_completion(batch: DecodeBatch, seqs: list[Sequence]) -> list[Sequence]:
+    """Add ``seqs`` and step until all are finished (offline generation, tests, benchmarks)."""
+    batch.add(seqs)
+    while batch.rows:
+        batch.step()
+    return seqs
+
+
+def beam_search(
+    backend: Backend, tokenizer: Tokenizer, source_ids: list[int], params: SamplingParams
+) -> Sequence:
+    """Beam search for one source: K rows of its own batch, ranked by
+    sum(logprob) / length ** length_penalty, stopping when no live beam can beat the worst of
+    the K kept finished hypotheses. Returns a finished ``Sequence`` holding the best."""
+    cfg = backend.config
+    k = params.num_beams
+    batch = DecodeBatch(backend, tokenizer)
+    template = batch.new_sequence(source_ids, params)
+    ids = np.asarray([source_ids], np.int64)
+    encoded = backend.encode(ids, np.ones_like(ids))
+    beams = [batch.new_sequence(source_ids, params) for _ in range(k)]
+    batch.add_encoded(
+        beams,
+        [np.repeat(c, k, axis=0) for c in encoded.cross],
+        np.ones((k, len(source_ids)), np.int64),
+    )
+    scores = np.full(k, -np.inf)
+    scores[0] = 0.0
+    finished: list[tuple[float, list[int]]] = []
+    histories: list[list[int]] = [[] for _ in range(k)]
+
+    def normalized(score: float, length: int) -> float:
+        return score / length**params.length_penalty
+
+    limit = min(params.max_new_tokens, cfg.max_target_positions)
+    for step in range(limit):
+        b = len(histories)
+        last = [h[-1] if h else cfg.decoder_start_token_id for h in histories]
+        dec_mask = np.ones((b, step + 1), np.int64)
+        out = backend.decode(
+            np.asarray(last, np.int64)[:, None],
+            np.full((b, 1), step, np.int64),
+            dec_mask,
+            batch.enc_mask,
+            batch.past,
+            batch.cross,
+        )
+        logprobs = np.stack(
+            [log_softmax(process_logits(out.logits[i, -1], histories[i], params)) for i in range(b)]
+        )
+        candidates = (scores[:, None] + logprobs).reshape(-1)
+        top = np.argsort(-candidates, kind="stable")[: 2 * k]
+        next_hist, next_scores, rows = [], [], []
+        for index in top:
+            beam, token = divmod(int(index), logprobs.shape[-1])
+            score = float(candidates[index])
+            if token == cfg.eos_token_id:
+                finished.append((normalized(score, step + 1), [*histories[beam], token]))
+            else:
+                next_hist.append([*histories[beam], token])
+                next_scores.append(score)
+                rows.append(beam)
+            if len(next_hist) == k:
+                break
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:k]
+        if len(finished) == k and normalized(max(next_scores), step + 1) <= finished[-1][0]:
+            break
+        index = np.asarray(rows, np.int64)
+        batch.past = [a[index] for a in out.present]
+        batch.cross = [a[index] for a in batch.cross]
+        batch.enc_mask = batch.enc_mask[index]
+        histories, scores = next_hist, np.asarray(next_scores)
+    else:
+        finished += [
+            (normalized(s, len(h)), h) for s, h in zip(scores.tolist(), histories, strict=True)
+        ]
+    best = max(finished, key=lambda f: f[0])[1] if finished else []
+    for token in best:
+        template.generated.append(token)
+        _, stopped = template.stream.push(token)
+        if stopped:
+            template.finish_reason = FINISH_STOP
+            break
+    if template.finish_reason is None:
+        template.stream.finish()
+        last_token = template.generated[-1] if template.generated else None
+        template.finish_reason = FINISH_EOS if last_token == cfg.eos_token_id else FINISH_LENGTH
+    return template

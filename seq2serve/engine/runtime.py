@@ -1,0 +1,93 @@
+"""The model as the engine sees it: numpy in, numpy out, one call per graph.
+
+``Backend`` is what the scheduler drives; ``OnnxBackend`` runs a bundle's graphs with
+onnxruntime. Names come from ``seq2serve.contract``; nothing here imports PyTorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from seq2serve import contract
+from seq2serve.config import ModelConfig
+from seq2serve.engine.bundle import Bundle
+
+
+@dataclass
+class EncoderResult:
+    last_hidden_state: np.ndarray  # (B, S, C)
+    pooled: np.ndarray  # (B, C)
+    class_logits: np.ndarray  # (B, num_labels)
+    cross: list[np.ndarray]  # 2L arrays (B, H, S, D): layer i's key at 2i, value at 2i + 1
+
+
+@dataclass
+class DecoderResult:
+    logits: np.ndarray  # (B, T, V)
+    present: list[np.ndarray]  # 2L arrays (B, H, P + T, D): layer i's key at 2i, value at 2i + 1
+
+
+class Backend(Protocol):
+    config: ModelConfig
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderResult: ...
+
+    def decode(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        decoder_attention_mask: np.ndarray,
+        encoder_attention_mask: np.ndarray,
+        past: list[np.ndarray],
+        cross: list[np.ndarray],
+    ) -> DecoderResult: ...
+
+
+class OnnxBackend:
+    """onnxruntime sessions of one bundle (CPU or CUDA execution provider)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        n = self.config.n_decoder_layers
+        self._encoder_outputs = [s.name for s in contract.encoder_outputs(self.config)]
+        self._decoder_outputs = [s.name for s in contract.decoder_outputs(self.config)]
+        self._past_names = [
+            f"past_key_values.{i}.decoder.{kind}" for i in range(n) for kind in ("key", "value")
+        ]
+        self._cross_names = [
+            f"past_key_values.{i}.encoder.{kind}" for i in range(n) for kind in ("key", "value")
+        ]
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderResult:
+        out = self.bundle.encoder.run(
+            self._encoder_outputs,
+            {
+                "input_ids": input_ids.astype(np.int64),
+                "attention_mask": attention_mask.astype(np.int64),
+            },
+        )
+        return EncoderResult(out[0], out[1], out[2], list(out[3:]))
+
+    def decode(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        decoder_attention_mask: np.ndarray,
+        encoder_attention_mask: np.ndarray,
+        past: list[np.ndarray],
+        cross: list[np.ndarray],
+    ) -> DecoderResult:
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+            "encoder_attention_mask": encoder_attention_mask,
+        }
+        feeds.update(zip(self._past_names, past, strict=True))
+        feeds.update(zip(self._cross_names, cross, strict=True))
+        out = self.bundle.decoder.run(self._decoder_outputs, feeds)
+        return DecoderResult(out[0], list(out[1:]))

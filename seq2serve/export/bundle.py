@@ -1,0 +1,210 @@
+"""``seq2serve export``: a checkpoint -> a model bundle (SPEC section 4).
+
+Steps: export both graphs, optionally quantize them (onnxruntime's dynamic int8), move every
+weight into one shared external-data file per precision with each tensor stored once (the
+embedding is used by the encoder, the decoder and the tied LM head, and the exporter folds a
+transposed copy for the latter), verify parity against PyTorch, and write a manifest with
+sha256 of every file. The bundle is written to a temporary sibling and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import seq2serve
+from seq2serve import contract
+from seq2serve.atomic import atomic_directory
+from seq2serve.export.graphs import OPSET, export_graphs
+from seq2serve.model.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+
+# Initializers smaller than this stay inside the graph file (scalars, shapes).
+INLINE_BYTES = 1024
+ALIGN = 64
+
+
+def _key(array: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    data = np.ascontiguousarray(array)
+    return (data.dtype.str, data.shape, hashlib.sha256(data.tobytes()).hexdigest())
+
+
+def share_weights(graphs: dict[str, onnx.ModelProto], data_file: Path) -> dict[str, int]:
+    """Move the graphs' initializers into ``data_file``, each distinct tensor stored once.
+
+    An initializer that is the transpose of a tensor already stored becomes a Transpose node
+    over it (onnxruntime folds it back at load time). Returns byte counts for the manifest.
+    """
+    stored: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
+    referenced = 0
+    with data_file.open("wb") as f:
+
+        def place(array: np.ndarray) -> tuple[int, int]:
+            nonlocal referenced
+            key = _key(array)
+            referenced += array.nbytes
+            if key not in stored:
+                pad = -f.tell() % ALIGN
+                f.write(b"\0" * pad)
+                stored[key] = (f.tell(), array.nbytes)
+                f.write(np.ascontiguousarray(array).tobytes())
+            return stored[key]
+
+        def externalize(init: TensorProto, offset: int, length: int) -> None:
+            init.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data"):
+                init.ClearField(field)
+            init.data_location = TensorProto.EXTERNAL
+            del init.external_data[:]
+            for k, v in (
+                ("location", data_file.name),
+                ("offset", str(offset)),
+                ("length", str(length)),
+            ):
+                init.external_data.add(key=k, value=v)
+
+        for graph in graphs.values():
+            arrays = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+            keys = {_key(a): name for name, a in arrays.items() if a.nbytes >= INLINE_BYTES}
+            transposes: list[onnx.NodeProto] = []
+            kept: list[TensorProto] = []
+            for init in graph.graph.initializer:
+                array = arrays[init.name]
+                if array.nbytes < INLINE_BYTES:
+                    kept.append(init)
+                    continue
+                if array.ndim == 2:
+                    source_key = _key(array.T)
+                    if source_key in stored or source_key in keys:
+                        source = keys.get(source_key)
+                        if source is None:  # stored by an earlier graph, not present here
+                            source = f"{init.name}.transposed_source"
+                            extra = numpy_helper.from_array(np.ascontiguousarray(array.T), source)
+                            externalize(extra, *place(np.ascontiguousarray(array.T)))
+                            kept.append(extra)
+                            keys[source_key] = source
+                        transposes.append(
+                            helper.make_node("Transpose", [source], [init.name], perm=[1, 0])
+                        )
+                        continue
+                externalize(init, *place(array))
+                kept.append(init)
+            del graph.graph.initializer[:]
+            graph.graph.initializer.extend(kept)
+            nodes = [*transposes, *graph.graph.node]
+            del graph.graph.node[:]
+            graph.graph.node.extend(nodes)
+        stored_bytes = sum(length for _, length in stored.values())
+    return {"stored_bytes": stored_bytes, "referenced_bytes": referenced}
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime's dynamic quantization: int8 MatMul weights, activations quantized per call.
+
+    Gather (the embedding lookup) stays fp32 so the embedding is shared with the fp32 graphs'
+    layout; the LM head's MatMul, the biggest weight, is quantized.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _io_table(cfg: Any) -> dict[str, Any]:
+    table = {}
+    for file, (inputs, outputs) in contract.graph_specs(cfg).items():
+        table[file] = {
+            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in inputs],
+            "outputs": [
+                {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in outputs
+            ],
+        }
+    return table
+
+
+def export_bundle(
+    ckpt: Path, out: Path, quantize: str | None = None, verify: bool = False
+) -> dict[str, Any]:
+    """Write the bundle for checkpoint ``ckpt`` to ``out``; returns the manifest."""
+    ckpt, out = Path(ckpt), Path(out)
+    model, _ = load_model(ckpt)
+    cfg = model.cfg
+    with atomic_directory(out) as tmp:
+        for name in (contract.CONFIG_FILE, contract.TOKENIZER_FILE, contract.WEIGHTS_FILE):
+            shutil.copy2(ckpt / name, tmp / name)
+        raw = tmp / "raw"
+        raw.mkdir()
+        log.info("exporting encoder and decoder graphs (opset %d)", OPSET)
+        export_graphs(model, raw)
+        variants = {
+            False: {
+                f: onnx.load(str(raw / f)) for f in (contract.ENCODER_FILE, contract.DECODER_FILE)
+            }
+        }
+        if quantize == "int8":
+            log.info("quantizing to int8")
+            for f in (contract.ENCODER_FILE, contract.DECODER_FILE):
+                quantize_int8(raw / f, raw / contract.onnx_file(f, True))
+            variants[True] = {
+                f: onnx.load(str(raw / contract.onnx_file(f, True)))
+                for f in (contract.ENCODER_FILE, contract.DECODER_FILE)
+            }
+        elif quantize is not None:
+            raise ValueError(f"--quantize must be int8, got {quantize!r}")
+        sizes = {}
+        for quantized, graphs in variants.items():
+            data_file = tmp / contract.onnx_data_file(quantized)
+            sizes["int8" if quantized else "fp32"] = share_weights(graphs, data_file)
+            for f, proto in graphs.items():
+                onnx.save_model(proto, str(tmp / contract.onnx_file(f, quantized)))
+        shutil.rmtree(raw)
+
+        manifest: dict[str, Any] = {
+            "format": "seq2serve-bundle/1",
+            "seq2serve_version": seq2serve.__version__,
+            "exporter": f"torch.onnx (dynamo) {torch.__version__}, onnx {onnx.__version__}",
+            "opset": OPSET,
+            "io": _io_table(cfg),
+            "weights": sizes,
+        }
+        metrics_file = ckpt / "metrics.json"
+        if metrics_file.exists():
+            manifest["task_metrics"] = json.loads(metrics_file.read_text())
+
+        def write_manifest() -> None:
+            manifest["files"] = {
+                p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.iterdir())
+                if p.is_file() and p.name != contract.MANIFEST_FILE
+            }
+            (tmp / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+        write_manifest()
+        if verify:
+            from seq2serve.export.verify import verify_parity
+
+            log.info("verifying parity against PyTorch")
+            manifest["parity"] = {"fp32": verify_parity(model, tmp, quantized=False)}
+            if quantize == "int8":
+                manifest["parity"]["int8"] = verify_parity(model, tmp, quantized=True)
+            write_manifest()
+    return manifest

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny seeded model, its checkpoint and its exported bundle (built once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2serve.config import ModelConfig
+from seq2serve.data.task import LANGUAGES, build_default_task, language_tags
+from seq2serve.data.tokenizer import train_tokenizer
+from seq2serve.model.checkpoint import save_weights
+from seq2serve.model.transformer import Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BUNDLE = REPO / "models" / "default"
+
+
+def make_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
+    """A random-weight model (non-zero biases, so every parameter matters) with a tokenizer
+    trained on the default task's text."""
+    task = build_default_task(n_train=1500, n_heldout=50, seed=seed)
+    texts = [t for e in task.train for t in (e.source, e.target) if t]
+    tok = train_tokenizer(texts, vocab_size=400, extra_special_tokens=language_tags())
+    fields = dict(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        max_source_positions=64,
+        max_target_positions=64,
+        dropout=0.0,
+        id2label=dict(enumerate(LANGUAGES)),
+    )
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        # Weights big enough that the layers, not the residual copy of the input embedding,
+        # decide the output (otherwise a random model repeats its input token), and non-zero
+        # biases so every parameter matters.
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+            elif p.ndim == 2 and not name.startswith("tokens"):
+                p.normal_(std=1.5 / p.shape[1] ** 0.5)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    tok.save(str(out / "tokenizer.json"))
+    save_weights(model, out / "model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    from seq2serve.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    export_bundle(tiny_checkpoint, out, quantize="int8", verify=True)
+    return out

@@ -1,0 +1,206 @@
+"""The exported bundle: graphs on the contract, parity with PyTorch, masks, sharing, refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from seq2serve import contract
+from seq2serve.engine.bundle import BundleError, load_bundle
+from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.export.bundle import sha256_file
+from seq2serve.export.verify import verify_parity
+from seq2serve.model.checkpoint import load_model
+
+
+def _io(values) -> list[tuple[str, str, tuple]]:
+    kinds = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float"}
+    return [
+        (
+            v.name,
+            kinds.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+            tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim),
+        )
+        for v in values
+    ]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_graphs_match_the_contract_names_and_axes(tiny_bundle, quantized):
+    model, _ = load_model(tiny_bundle)
+    for file, (inputs, outputs) in contract.graph_specs(model.cfg).items():
+        name = contract.onnx_file(file, quantized)
+        graph = onnx.load(str(tiny_bundle / name), load_external_data=False).graph
+        for kind, specs, values in (
+            ("inputs", inputs, graph.input),
+            ("outputs", outputs, graph.output),
+        ):
+            actual = _io(values)
+            assert contract.check_io(name, specs, actual, kind) == []
+            # Symbolic axes carry exactly the contract's names (documented for outside runtimes).
+            for spec, (_, _, shape) in zip(specs, actual, strict=True):
+                assert shape == spec.shape, (spec.name, shape)
+
+
+def test_parity_with_pytorch(tiny_bundle):
+    manifest = json.loads((tiny_bundle / contract.MANIFEST_FILE).read_text())
+    assert manifest["parity"]["fp32"]["max"] <= 1e-4
+    model, _ = load_model(tiny_bundle)
+    for seed in (1, 2):  # fresh random inputs, not only the ones the exporter checked
+        figures = verify_parity(model, tiny_bundle, seed=seed)
+        for name, value in figures.items():
+            assert value <= 1e-4, (name, value)
+        assert {"decoder_prefill_logits", "decoder_step_logits", "decoder_ragged_logits"} <= set(
+            figures
+        )
+
+
+def _decoder_logits(backend, src, tgt):
+    cfg = backend.config
+    enc = backend.encode(src, np.ones_like(src))
+    b, t = tgt.shape
+    empty = [np.zeros((b, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_decoder_layers)
+    out = backend.decode(
+        tgt,
+        np.arange(t)[None].repeat(b, 0),
+        np.ones((b, t), np.int64),
+        np.ones_like(src),
+        empty,
+        enc.cross,
+    )
+    return out.logits
+
+
+@pytest.mark.parametrize("k", [0, 2, 5])
+def test_masks_hold_in_the_exported_graphs(tiny_bundle, k):
+    backend = OnnxBackend(load_bundle(tiny_bundle))
+    rng = np.random.default_rng(k)
+    src = rng.integers(10, 300, (2, 6)).astype(np.int64)
+    tgt = rng.integers(10, 300, (2, 7)).astype(np.int64)
+    changed = tgt.copy()
+    changed[:, k] = (tgt[:, k] + 7) % 300 + 10
+    a, b = _decoder_logits(backend, src, tgt), _decoder_logits(backend, src, changed)
+    assert np.array_equal(a[:, :k], b[:, :k]), "an earlier decoder position saw a later token"
+    assert not np.allclose(a[:, k:], b[:, k:])
+    # Encoder: the first position sees the last token (no triangle).
+    src2 = src.copy()
+    src2[:, -1] = (src[:, -1] + 3) % 300 + 10
+    e1 = backend.encode(src, np.ones_like(src)).last_hidden_state
+    e2 = backend.encode(src2, np.ones_like(src2)).last_hidden_state
+    assert not np.allclose(e1[:, 0], e2[:, 0])
+    # Padding: extra masked tokens leave the real positions' outputs unchanged.
+    padded = np.concatenate([src, rng.integers(10, 300, (2, 4))], axis=1)
+    mask = np.concatenate([np.ones_like(src), np.zeros((2, 4), np.int64)], axis=1)
+    np.testing.assert_allclose(backend.encode(padded, mask).last_hidden_state[:, :6], e1, atol=1e-5)
+
+
+def test_no_weight_is_stored_twice(tiny_bundle):
+    """Sum the bytes of every initializer both graphs reference, once per stored place, and
+    compare with the model's parameters: the shared token embedding is stored once."""
+    model, _ = load_model(tiny_bundle)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied embedding counted once
+    stored: set[tuple[str, int]] = set()
+    stored_bytes = inline_bytes = 0
+    for file in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        graph = onnx.load(str(tiny_bundle / file), load_external_data=False).graph
+        for init in graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in init.external_data}
+                place = (info["location"], int(info["offset"]))
+                if place not in stored:
+                    stored.add(place)
+                    stored_bytes += int(info["length"])
+            else:
+                inline_bytes += len(init.raw_data)
+    assert stored_bytes + inline_bytes <= param_bytes * 1.05 + 64 * 1024, (
+        stored_bytes,
+        inline_bytes,
+        param_bytes,
+    )
+    embedding = model.tokens.weight.numel() * 4
+    assert (tiny_bundle / contract.ONNX_DATA_FILE).stat().st_size < param_bytes + embedding
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _rehash(bundle: Path, name: str) -> None:
+    manifest = json.loads((bundle / contract.MANIFEST_FILE).read_text())
+    manifest["files"][name]["sha256"] = sha256_file(bundle / name)
+    (bundle / contract.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_corrupted_bundle_is_refused_naming_the_file(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    data = bundle / contract.ONNX_DATA_FILE
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"model\.onnx\.data: sha256 does not match"):
+        load_bundle(bundle)
+
+
+def test_incomplete_bundle_is_refused(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    (bundle / contract.DECODER_FILE).unlink()
+    with pytest.raises(BundleError, match=r"decoder\.onnx: missing"):
+        load_bundle(bundle)
+    (bundle / contract.MANIFEST_FILE).unlink()
+    with pytest.raises(BundleError, match=r"manifest\.json: missing"):
+        load_bundle(bundle)
+
+
+def test_graph_that_breaks_the_contract_is_refused(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    # A decoder graph swapped for the encoder graph: checksums made to match, I/O do not.
+    shutil.copy(bundle / contract.ENCODER_FILE, bundle / contract.DECODER_FILE)
+    _rehash(bundle, contract.DECODER_FILE)
+    with pytest.raises(BundleError, match=r"decoder\.onnx: inputs differ from the contract"):
+        load_bundle(bundle)
+
+
+def test_invalid_config_is_refused(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    cfg = json.loads((bundle / contract.CONFIG_FILE).read_text())
+    cfg["n_heads"] = 5
+    (bundle / contract.CONFIG_FILE).write_text(json.dumps(cfg))
+    _rehash(bundle, contract.CONFIG_FILE)
+    with pytest.raises(BundleError, match=r"config\.json: .*divisible"):
+        load_bundle(bundle)
+
+
+def test_cuda_request_without_cuda_falls_back_to_cpu(tiny_bundle, caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    bundle = load_bundle(tiny_bundle, device="cuda")
+    assert bundle.provider == "CPUExecutionProvider"
+    assert "falling back to CPU" in caplog.text
+
+
+def test_export_is_reproducible_and_atomic(tiny_checkpoint, tmp_path):
+    from seq2serve.export.bundle import export_bundle
+
+    out = tmp_path / "b"
+    export_bundle(tiny_checkpoint, out)
+    first = json.loads((out / contract.MANIFEST_FILE).read_text())["files"]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
+        export_bundle(broken, out)
+    # The failed export left the earlier bundle whole.
+    assert json.loads((out / contract.MANIFEST_FILE).read_text())["files"] == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert torch.__version__  # the exporter's own version is recorded
+    assert "exporter" in json.loads((out / contract.MANIFEST_FILE).read_text())
