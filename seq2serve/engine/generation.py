@@ -32,6 +32,7 @@ from seq2serve.engine.text import TextStream, special_token_ids
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
 FINISH_STOP = "stop_sequence"
+FINISH_ERROR = "error"  # this sequence failed; the others in its batch carry on
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TokenEvent:
     logprob: float  # log-probability of the token under the model
     special: bool
     finish_reason: str | None = None  # set on a sequence's last event
+    error: str | None = None  # set when this sequence failed (finish_reason "error")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Sequence:
     special_ids: frozenset[int]
     id: int = field(default_factory=itertools.count().__next__)
     generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
@@ -233,8 +236,12 @@ class DecodeBatch:
         for i, seq in enumerate(self.rows):
             p = seq.params
             plain = not p.do_sample and p.repetition_penalty == 1.0
-            token = int(greedy[i]) if plain else choose(logits[i], seq)
-            events.append(self._advance(seq, token, float(logprobs[i, token])))
+            try:
+                token = int(greedy[i]) if plain else choose(logits[i], seq)
+                events.append(self._advance(seq, token, float(logprobs[i, token])))
+            except Exception as err:  # one sequence's failure must not end its batch-mates'
+                seq.finish_reason = FINISH_ERROR
+                events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))
             if seq.finish_reason is not None:
                 finished.add(seq.id)
         self.remove(finished)
@@ -243,6 +250,7 @@ class DecodeBatch:
     def _advance(self, seq: Sequence, token: int, logprob: float) -> TokenEvent:
         cfg = self.config
         seq.generated.append(token)
+        seq.logprobs.append(logprob)
         text, stopped = seq.stream.push(token)
         if stopped:
             seq.finish_reason = FINISH_STOP
@@ -295,8 +303,9 @@ def beam_search(
     )
     scores = np.full(k, -np.inf)
     scores[0] = 0.0
-    finished: list[tuple[float, list[int]]] = []
+    finished: list[tuple[float, list[int], list[float]]] = []
     histories: list[list[int]] = [[] for _ in range(k)]
+    token_logprobs: list[list[float]] = [[] for _ in range(k)]
 
     def normalized(score: float, length: int) -> float:
         return score / length**params.length_penalty
@@ -319,15 +328,17 @@ def beam_search(
         )
         candidates = (scores[:, None] + logprobs).reshape(-1)
         top = np.argsort(-candidates, kind="stable")[: 2 * k]
-        next_hist, next_scores, rows = [], [], []
+        next_hist, next_scores, next_lps, rows = [], [], [], []
         for index in top:
             beam, token = divmod(int(index), logprobs.shape[-1])
             score = float(candidates[index])
+            lps = [*token_logprobs[beam], float(logprobs[beam, token])]
             if token == cfg.eos_token_id:
-                finished.append((normalized(score, step + 1), [*histories[beam], token]))
+                finished.append((normalized(score, step + 1), [*histories[beam], token], lps))
             else:
                 next_hist.append([*histories[beam], token])
                 next_scores.append(score)
+                next_lps.append(lps)
                 rows.append(beam)
             if len(next_hist) == k:
                 break
@@ -338,14 +349,16 @@ def beam_search(
         batch.past = [a[index] for a in out.present]
         batch.cross = [a[index] for a in batch.cross]
         batch.enc_mask = batch.enc_mask[index]
-        histories, scores = next_hist, np.asarray(next_scores)
+        histories, scores, token_logprobs = next_hist, np.asarray(next_scores), next_lps
     else:
         finished += [
-            (normalized(s, len(h)), h) for s, h in zip(scores.tolist(), histories, strict=True)
+            (normalized(s, len(h)), h, lp)
+            for s, h, lp in zip(scores.tolist(), histories, token_logprobs, strict=True)
         ]
-    best = max(finished, key=lambda f: f[0])[1] if finished else []
-    for token in best:
+    _, best, best_logprobs = max(finished, key=lambda f: f[0]) if finished else (0.0, [], [])
+    for token, logprob in zip(best, best_logprobs, strict=True):
         template.generated.append(token)
+        template.logprobs.append(logprob)
         _, stopped = template.stream.push(token)
         if stopped:
             template.finish_reason = FINISH_STOP

@@ -1,0 +1,413 @@
+"""The scheduler: dynamic batching for encode/classify, continuous batching for generation.
+
+One worker thread owns the model. Each turn it drops cancelled sequences, runs waiting
+encode/classify requests as one encoder batch, lets waiting generation requests join the
+running batch (one encoder call for all joiners), and runs one decoder step for every live
+sequence. Results cross back to the event loop with ``call_soon_threadsafe``, so the loop
+never blocks on inference and streams keep flowing.
+
+| limit            | effect                                                              |
+|------------------|---------------------------------------------------------------------|
+| max_batch_size   | rows in the running generation batch; inputs in one encoder batch   |
+| max_wait_ms      | how long an idle engine lets an encode batch wait for company       |
+| max_queue        | requests waiting for a slot; one more raises ``QueueFull`` (429)    |
+
+Beam search (K rows of one request, re-ranked every step) runs on its own thread, outside the
+continuous batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from seq2serve.config import ModelConfig
+from seq2serve.engine.generation import (
+    DecodeBatch,
+    SamplingParams,
+    Sequence,
+    TokenEvent,
+    beam_search,
+)
+from seq2serve.engine.metrics import EngineMetrics
+from seq2serve.engine.runtime import Backend
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the request queue is full; retry after {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class EngineStopped(Exception):
+    """The engine is not taking work: not started yet, or draining."""
+
+
+class RequestFailed(Exception):
+    """The engine failed this request (the others in its batch carry on)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+
+
+@dataclass
+class EncodeOutput:
+    last_hidden_state: list[np.ndarray]  # per input (S_i, C), real tokens only
+    pooled: np.ndarray  # (B, C): mean over real tokens
+    class_logits: np.ndarray  # (B, num_labels)
+
+
+class GenerationStream:
+    """One generation request as the web layer sees it: an async iterator of token events."""
+
+    def __init__(self, engine: Engine, sequence: Sequence, loop: asyncio.AbstractEventLoop) -> None:
+        self.sequence = sequence
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | Exception] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.last_token_at: float | None = None
+        self.cancelled = False
+
+    def push(self, item: TokenEvent | Exception) -> None:
+        """Called from the worker thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        """Idempotent: the sequence leaves the batch before the next step."""
+        if not self.cancelled and self.sequence.finish_reason is None:
+            self.cancelled = True
+            self._engine._cancel(self)
+
+    async def result(self) -> Sequence:
+        async for _ in self:
+            pass
+        return self.sequence
+
+
+@dataclass
+class _EncodeJob:
+    source_ids: list[list[int]]
+    future: asyncio.Future[EncodeOutput]
+    arrival: float
+
+
+class Engine:
+    """Owns the model and the worker thread; knows nothing of HTTP."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        limits: EngineLimits | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = backend.config
+        self.limits = limits or EngineLimits()
+        self.metrics = metrics
+        self.batch = DecodeBatch(backend, tokenizer)
+        self.ready = False
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: deque[GenerationStream] = deque()
+        self._encodes: deque[_EncodeJob] = deque()
+        self._cancelled: set[int] = set()
+        self._live: dict[int, GenerationStream] = {}
+        self._beams = 0
+        self._accepting = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._beam_pool = ThreadPoolExecutor(1, thread_name_prefix="seq2serve-beam")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_seconds = 0.01  # running average, for Retry-After
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker and warm the model up; ``ready`` turns True at the end."""
+        self._loop = asyncio.get_running_loop()
+        self._running = self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="seq2serve-engine", daemon=True)
+        self._thread.start()
+        ids = self.tokenizer.encode("0").ids[: self.config.max_source_positions]
+        await self.encode([ids])
+        await self.generate_stream(ids, SamplingParams(max_new_tokens=4)).result()
+        self.ready = True
+        log.info("engine ready")
+
+    async def stop(self) -> None:
+        """Stop taking work, let every in-flight request finish, then stop the worker."""
+        self.ready = False
+        with self._lock:
+            self._accepting = False
+        while True:
+            with self._lock:
+                busy = bool(self._pending or self._encodes or self._live or self._beams)
+            if not busy:
+                break
+            await asyncio.sleep(0.01)
+        with self._lock:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._beam_pool.shutdown(wait=True)
+        log.info("engine stopped")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending) + len(self._encodes)
+
+    @property
+    def active_sequences(self) -> int:
+        return len(self._live) + self._beams
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if not self._accepting:
+            raise EngineStopped("the engine is not taking requests (starting or draining)")
+        if self.queue_depth >= self.limits.max_queue:
+            waiting = self.queue_depth / max(self.limits.max_batch_size, 1)
+            raise QueueFull(retry_after=max(1.0, round(waiting * self._step_seconds * 64)))
+
+    async def encode(self, source_ids: list[list[int]]) -> EncodeOutput:
+        loop = asyncio.get_running_loop()
+        job = _EncodeJob(source_ids, loop.create_future(), time.monotonic())
+        with self._lock:
+            self._admit()
+            self._encodes.append(job)
+            self._wake.notify()
+        self._gauge_queue()
+        return await job.future
+
+    def generate_stream(self, source_ids: list[int], params: SamplingParams) -> GenerationStream:
+        assert self._loop is not None, "start() the engine first"
+        stream = GenerationStream(self, self.batch.new_sequence(source_ids, params), self._loop)
+        with self._lock:
+            self._admit()
+            if params.num_beams > 1:
+                self._beams += 1
+                self._beam_pool.submit(self._run_beam, stream)
+            else:
+                self._pending.append(stream)
+                self._wake.notify()
+        self._gauge_queue()
+        return stream
+
+    def _cancel(self, stream: GenerationStream) -> None:
+        with self._lock:
+            if stream in self._pending:
+                self._pending.remove(stream)
+            else:  # in the batch, or joining it this turn: the worker drops it next turn
+                self._cancelled.add(stream.sequence.id)
+                self._wake.notify()
+        self._gauge_queue()
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._has_work():
+                    self._wake.wait()
+                if not self._running and not self._has_work():
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+                free = self.limits.max_batch_size - (len(self._live) - len(cancelled))
+                joiners = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+                encodes = self._take_encodes()
+            for seq_id in cancelled:
+                self.batch.cancel(seq_id)
+                self._live.pop(seq_id, None)
+            if encodes:
+                self._run_encodes(encodes)
+            if joiners:
+                self._join(joiners)
+            if len(self.batch):
+                self._step()
+            self._gauge_queue()
+
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._encodes or self._cancelled or len(self.batch))
+
+    def _take_encodes(self) -> list[_EncodeJob]:
+        """Waiting encode jobs, up to max_batch_size inputs. An idle engine lets the batch wait
+        up to max_wait_ms from the oldest job's arrival for more company (lock held)."""
+        if not self._encodes:
+            return []
+        limit = self.limits.max_batch_size
+        if not len(self.batch) and not self._pending:
+            deadline = self._encodes[0].arrival + self.limits.max_wait_ms / 1000
+            while (
+                self._running
+                and sum(len(j.source_ids) for j in self._encodes) < limit
+                and (remaining := deadline - time.monotonic()) > 0
+            ):
+                self._wake.wait(remaining)
+        jobs, inputs = [], 0
+        while self._encodes and (not jobs or inputs + len(self._encodes[0].source_ids) <= limit):
+            job = self._encodes.popleft()
+            jobs.append(job)
+            inputs += len(job.source_ids)
+        return jobs
+
+    def _run_encodes(self, jobs: list[_EncodeJob]) -> None:
+        rows = [ids for job in jobs for ids in job.source_ids]
+        try:
+            outputs = [
+                self._encode_rows(rows[i : i + self.limits.max_batch_size])
+                for i in range(0, len(rows), self.limits.max_batch_size)
+            ]
+        except Exception as err:  # a model failure fails these requests, not the engine
+            log.exception("encoder batch failed")
+            for job in jobs:
+                self._resolve(job.future, RequestFailed(f"encoding failed: {err}"))
+            return
+        hidden = [h for out in outputs for h in out.last_hidden_state]
+        pooled = np.concatenate([o.pooled for o in outputs])
+        logits = np.concatenate([o.class_logits for o in outputs])
+        start = 0
+        for job in jobs:
+            n = len(job.source_ids)
+            result = EncodeOutput(
+                hidden[start : start + n], pooled[start : start + n], logits[start : start + n]
+            )
+            self._resolve(job.future, result)
+            start += n
+
+    def _encode_rows(self, rows: list[list[int]]) -> EncodeOutput:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.config.pad_token_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        out = self.backend.encode(ids, mask)
+        if self.metrics:
+            self.metrics.batch_size.labels("encode").observe(len(rows))
+        return EncodeOutput(
+            [out.last_hidden_state[i, : len(r)] for i, r in enumerate(rows)],
+            out.pooled,
+            out.class_logits,
+        )
+
+    def _resolve(
+        self, future: asyncio.Future[EncodeOutput], value: EncodeOutput | Exception
+    ) -> None:
+        def settle() -> None:
+            if future.done():  # the client went away
+                return
+            if isinstance(value, Exception):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(settle)
+
+    def _join(self, joiners: list[GenerationStream]) -> None:
+        try:
+            self.batch.add([s.sequence for s in joiners])
+        except Exception as err:
+            log.exception("encoding new sequences failed")
+            for stream in joiners:
+                stream.push(RequestFailed(f"encoding failed: {err}"))
+            return
+        for stream in joiners:
+            self._live[stream.sequence.id] = stream
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        rows = len(self.batch)
+        try:
+            events = self.batch.step()
+        except Exception as err:  # the decoder call itself failed: every row fails
+            log.exception("decoder step failed")
+            for seq in list(self.batch.rows):
+                stream = self._live.pop(seq.id)
+                stream.push(RequestFailed(f"generation failed: {err}"))
+            self.batch.remove({s.id for s in self.batch.rows})
+            return
+        now = time.monotonic()
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
+        if self.metrics:
+            self.metrics.batch_size.labels("generate").observe(rows)
+            self.metrics.generated_tokens.inc(len(events))
+        for event in events:
+            stream = self._live[event.seq_id]
+            if self.metrics:
+                if stream.last_token_at is None:
+                    self.metrics.time_to_first_token.observe(now - stream.arrival)
+                else:
+                    self.metrics.inter_token_latency.observe(now - stream.last_token_at)
+            stream.last_token_at = now
+            if event.error is not None:
+                stream.push(RequestFailed(event.error))
+            else:
+                stream.push(event)
+            if event.finish_reason is not None:
+                del self._live[event.seq_id]
+
+    def _run_beam(self, stream: GenerationStream) -> None:
+        try:
+            seq = stream.sequence
+            best = beam_search(self.backend, self.tokenizer, seq.source_ids, seq.params)
+            seq.generated, seq.logprobs = best.generated, best.logprobs
+            seq.stream, seq.finish_reason = best.stream, best.finish_reason
+            # Beam search decides the whole text at the end; it is not streamed token by token.
+            for i, (token, logprob) in enumerate(zip(best.generated, best.logprobs, strict=True)):
+                last = i == len(best.generated) - 1
+                stream.push(
+                    TokenEvent(
+                        seq.id,
+                        token,
+                        best.text if last else "",
+                        logprob,
+                        token in self.batch.special_ids,
+                        best.finish_reason if last else None,
+                    )
+                )
+            if not best.generated:
+                stream.push(
+                    TokenEvent(seq.id, self.config.eos_token_id, "", 0.0, True, best.finish_reason)
+                )
+        except Exception as err:
+            log.exception("beam search failed")
+            stream.push(RequestFailed(f"generation failed: {err}"))
+        finally:
+            with self._lock:
+                self._beams -= 1
+
+    def _gauge_queue(self) -> None:
+        if self.metrics:
+            self.metrics.queue_depth.set(self.queue_depth)
+            self.metrics.active_sequences.set(self.active_sequences)

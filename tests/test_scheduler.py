@@ -1,0 +1,220 @@
+"""The scheduler: continuous batching equal to alone, cancellation, queue bound, drain, faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from seq2serve.engine.bundle import load_bundle
+from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
+from seq2serve.engine.metrics import EngineMetrics
+from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.engine.scheduler import (
+    Engine,
+    EngineLimits,
+    EngineStopped,
+    QueueFull,
+    RequestFailed,
+)
+
+TEXTS = [
+    ">>fr<< 2021-03-04",
+    ">>de<< 1234",
+    ">>ja<< 77",
+    ">>ru<< 1999-12-31",
+    ">>en<< 5",
+    ">>it<< 42",
+]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    return OnnxBackend(bundle), bundle.tokenizer
+
+
+def run(coro_fn, parts, limits=None):
+    """Run ``coro_fn(engine, registry)`` against a started engine, then stop it."""
+    backend, tok = parts
+
+    async def main():
+        registry = CollectorRegistry()
+        engine = Engine(backend, tok, limits or EngineLimits(), EngineMetrics(registry))
+        await engine.start()
+        try:
+            return await asyncio.wait_for(coro_fn(engine, registry), timeout=60)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def alone(parts, text, params):
+    backend, tok = parts
+    batch = DecodeBatch(backend, tok)
+    (seq,) = run_to_completion(batch, [batch.new_sequence(tok.encode(text).ids, params)])
+    return seq.generated
+
+
+def histogram_max_bucket(registry, name, kind):
+    """The largest batch size observed (upper bound of the highest non-empty bucket)."""
+    counts = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == f"{name}_bucket" and sample.labels.get("kind") == kind:
+                counts[float(sample.labels["le"])] = sample.value
+    previous, biggest = 0.0, 0.0
+    for le in sorted(counts):
+        if counts[le] > previous:
+            biggest = le
+        previous = counts[le]
+    return biggest
+
+
+def test_concurrent_streams_equal_alone_and_share_batches(parts):
+    _, tok = parts
+    requests = [(TEXTS[i % len(TEXTS)], 4 + 3 * i) for i in range(12)]
+    expected = [alone(parts, t, SamplingParams(max_new_tokens=n)) for t, n in requests]
+
+    async def body(engine, registry):
+        async def one(text, n, delay):
+            await asyncio.sleep(delay)  # arrive at different steps
+            stream = engine.generate_stream(tok.encode(text).ids, SamplingParams(max_new_tokens=n))
+            pieces = [e.text async for e in stream]
+            return stream.sequence, "".join(pieces)
+
+        results = await asyncio.gather(*(one(t, n, 0.003 * i) for i, (t, n) in enumerate(requests)))
+        return results, histogram_max_bucket(registry, "seq2serve_batch_size", "generate")
+
+    results, biggest = run(body, parts)
+    for (seq, streamed), want in zip(results, expected, strict=True):
+        assert seq.generated == want
+        assert streamed == seq.text
+    assert biggest > 1, "the requests never shared a decoder step"
+
+
+def test_concurrent_encodes_are_batched_and_equal_alone(parts):
+    _, tok = parts
+    ids = [tok.encode(t).ids for t in TEXTS]
+
+    async def body(engine, registry):
+        singles = [await engine.encode([i]) for i in ids]
+        together = await asyncio.gather(*(engine.encode([i]) for i in ids))
+        return singles, together, histogram_max_bucket(registry, "seq2serve_batch_size", "encode")
+
+    singles, together, biggest = run(body, parts, EngineLimits(max_wait_ms=50))
+    for a, b in zip(singles, together, strict=True):
+        np.testing.assert_allclose(a.pooled, b.pooled, atol=1e-5)
+        np.testing.assert_allclose(a.class_logits, b.class_logits, atol=1e-5)
+        assert a.last_hidden_state[0].shape == b.last_hidden_state[0].shape
+    assert biggest > 1
+
+
+def test_cancel_frees_the_slot_within_a_step(parts):
+    _, tok = parts
+
+    async def body(engine, registry):
+        keep = engine.generate_stream(tok.encode(TEXTS[0]).ids, SamplingParams(max_new_tokens=30))
+        drop = engine.generate_stream(tok.encode(TEXTS[1]).ids, SamplingParams(max_new_tokens=60))
+        got = 0
+        async for _ in drop:
+            got += 1
+            if got == 3:
+                break
+        drop.cancel()
+        for _ in range(100):
+            if engine.active_sequences <= 1:
+                break
+            await asyncio.sleep(0.01)
+        active_after_cancel = engine.active_sequences
+        seq = await keep.result()
+        return active_after_cancel, seq.generated, len(drop.sequence.generated)
+
+    active, kept, dropped_len = run(body, parts)
+    assert active <= 1
+    assert kept == alone(parts, TEXTS[0], SamplingParams(max_new_tokens=30))
+    assert dropped_len < 60
+
+
+def test_queue_bound_raises_queue_full(parts):
+    _, tok = parts
+
+    async def body(engine, registry):
+        ids = tok.encode(TEXTS[0]).ids
+        first = engine.generate_stream(ids, SamplingParams(max_new_tokens=40))
+        await asyncio.sleep(0.05)  # the first one is running, filling the only slot
+        second = engine.generate_stream(ids, SamplingParams(max_new_tokens=4))  # waits
+        with pytest.raises(QueueFull) as info:
+            engine.generate_stream(ids, SamplingParams(max_new_tokens=4))
+        assert info.value.retry_after >= 1
+        await first.result()
+        await second.result()
+        return True
+
+    assert run(body, parts, EngineLimits(max_batch_size=1, max_queue=1))
+
+
+def test_stop_drains_in_flight_then_refuses(parts):
+    backend, tok = parts
+
+    async def main():
+        engine = Engine(backend, tok)
+        await engine.start()
+        streams = [
+            engine.generate_stream(tok.encode(t).ids, SamplingParams(max_new_tokens=20))
+            for t in TEXTS
+        ]
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0)
+        assert not engine.ready
+        with pytest.raises(EngineStopped):
+            engine.generate_stream(tok.encode(TEXTS[0]).ids, SamplingParams())
+        results = await asyncio.wait_for(asyncio.gather(*(s.result() for s in streams)), 30)
+        await asyncio.wait_for(stopping, 30)
+        return results
+
+    for seq in asyncio.run(main()):
+        assert seq.finish_reason in ("eos_token", "length")
+
+
+def test_a_failing_request_fails_alone(parts, monkeypatch):
+    _, tok = parts
+    expected = alone(parts, TEXTS[0], SamplingParams(max_new_tokens=12))
+
+    async def body(engine, registry):
+        good = engine.generate_stream(tok.encode(TEXTS[0]).ids, SamplingParams(max_new_tokens=12))
+        bad = engine.generate_stream(tok.encode(TEXTS[1]).ids, SamplingParams(max_new_tokens=12))
+
+        class Exploding:  # a fault inside the engine, for this request only
+            text = ""
+
+            def push(self, token_id):
+                raise RuntimeError("injected fault")
+
+        bad.sequence.stream = Exploding()
+        with pytest.raises(RequestFailed, match="injected fault"):
+            await bad.result()
+        return (await good.result()).generated
+
+    assert run(body, parts) == expected
+
+
+def test_beam_search_requests_run_beside_the_batch(parts):
+    _, tok = parts
+
+    async def body(engine, registry):
+        beam = engine.generate_stream(
+            tok.encode(TEXTS[2]).ids, SamplingParams(max_new_tokens=10, num_beams=3)
+        )
+        greedy = engine.generate_stream(tok.encode(TEXTS[2]).ids, SamplingParams(max_new_tokens=10))
+        events = [e async for e in beam]
+        return beam.sequence, events, await greedy.result()
+
+    seq, events, greedy = run(body, parts)
+    assert [e.token_id for e in events] == seq.generated
+    assert "".join(e.text for e in events) == seq.text
+    assert all(np.isfinite(e.logprob) for e in events)
+    assert greedy.generated == alone(parts, TEXTS[2], SamplingParams(max_new_tokens=10))
