@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
+
 
 def _train(args: argparse.Namespace) -> int:
     from seq2serve.data.files import DataError
@@ -49,6 +51,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from seq2serve.service.server import serve
+    from seq2serve.service.settings import Settings
+
+    flags = {
+        "model_dir": args.model,
+        "runtime": args.runtime,
+        "device": args.device,
+        "host": args.host,
+        "port": args.port,
+    }
+    # Flags given on the command line override SEQ2SERVE_* environment variables.
+    serve(Settings(**{k: v for k, v in flags.items() if v is not None}))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from seq2serve.bench import BenchConfig, main, table
+
+    cfg = BenchConfig(
+        model=args.model,
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        source_tokens=args.source_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        server_clients=args.clients,
+        server_seconds=args.seconds,
+        server=not args.no_server,
+    )
+    results = main(cfg, args.json)
+    print(table(results))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seq2serve", description="Train, export and serve Transformer encoder-decoder models."
@@ -84,6 +122,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="also write dynamic-int8 graphs")
     p.add_argument("--verify", action="store_true", help="check parity against PyTorch")
     p.set_defaults(run=_export)
+
+    p = commands.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the HTTP server. Settings come from SEQ2SERVE_* environment "
+        "variables; these flags override them.",
+    )
+    p.add_argument("--model", type=Path, help="bundle directory (default: the bundled model)")
+    p.add_argument("--runtime", choices=["onnx", "torch"], help="inference runtime (default onnx)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="execution device (default cpu)")
+    p.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.set_defaults(run=_serve)
+
+    p = commands.add_parser(
+        "bench",
+        help="benchmark decoding and serving",
+        description="Decode speed per engine (onnx fp32/int8, torch with and without the KV "
+        "cache), step-16 vs step-256 cost, and a streaming load run against a local server. "
+        "Prints a table and writes JSON.",
+    )
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="bundle directory")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default 1,8)")
+    p.add_argument("--source-tokens", type=int, default=32, help="source length (default 32)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    p.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
+    p.add_argument("--no-server", action="store_true", help="skip the server load run")
+    p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="output")
+    p.set_defaults(run=_bench)
     return parser
 
 

@@ -35,6 +35,9 @@ from seq2serve.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 
+MAX_POSITIONS = 512
+
+
 @dataclass(frozen=True)
 class Preset:
     d_model: int
@@ -222,6 +225,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, object],
     metrics: dict[str, float] | None = None,
+    heldout: Sequence[Example] = (),
 ) -> None:
     """Write the checkpoint to a temporary sibling, then swap it in: never half-written."""
     with atomic_directory(out) as tmp:
@@ -233,6 +237,24 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         if metrics is not None:
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if heldout:
+            # Export evaluates the ONNX graphs (fp32 and int8) on the same held-out rows.
+            write_heldout(tmp / HELDOUT_FILE, heldout)
+
+
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def write_heldout(path: Path, examples: Sequence[Example]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            row = {"source": e.source, "target": e.target, "label": e.label}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_heldout(path: Path) -> list[Example]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [Example(r["source"], r.get("target"), r.get("label")) for r in rows]
 
 
 def _optimizer_tensors(
@@ -266,8 +288,13 @@ def train(
     preset_name: str = "default",
     seed: int = 0,
     progress: bool = True,
+    stop_after: int | None = None,
 ) -> dict[str, float]:
-    """Train, evaluate on the held-out split, and write the checkpoint to ``out``."""
+    """Train, evaluate on the held-out split, and write the checkpoint to ``out``.
+
+    ``stop_after`` ends this process's share of the run after that step, as an interruption
+    would (the checkpoint is written there); calling ``train`` again resumes it.
+    """
     preset = PRESETS[preset_name]
     if steps is not None:
         preset = replace(preset, steps=steps)
@@ -287,8 +314,6 @@ def train(
         tok = train_tokenizer(
             texts, vocab_size=preset.vocab_size, extra_special_tokens=ds.special_tokens
         )
-        enc_lengths = [len(e.ids) for e in tok.encode_batch(texts[:5000])]
-        longest = max(64, 2 ** math.ceil(math.log2(max(enc_lengths) * 2)))
         cfg = ModelConfig(
             vocab_size=tok.get_vocab_size(),
             d_model=preset.d_model,
@@ -296,8 +321,10 @@ def train(
             d_ff=preset.d_ff,
             n_encoder_layers=preset.n_encoder_layers,
             n_decoder_layers=preset.n_decoder_layers,
-            max_source_positions=longest,
-            max_target_positions=longest,
+            # Sinusoidal positions cost no weights: cover long inputs and outputs (the server
+            # still enforces its own limits) and long-generation benchmarks.
+            max_source_positions=MAX_POSITIONS,
+            max_target_positions=MAX_POSITIONS,
             pad_token_id=tok.token_to_id("<pad>"),
             bos_token_id=tok.token_to_id("<s>"),
             eos_token_id=tok.token_to_id("</s>"),
@@ -377,11 +404,16 @@ def train(
                 f"(on {len(eval_pairs)}/{len(eval_labelled)} held-out)"
             )
             save_checkpoint(out, model, tok, optimizer, state)
+        if stop_after is not None and done >= stop_after and done < preset.steps:
+            save_checkpoint(out, model, tok, optimizer, {**state, "step": done})
+            bar.close()
+            return {}
     bar.close()
 
     final = evaluate(model, tok, ds.heldout_pairs, ds.heldout_labelled)
     final["train_seconds"] = round(time.monotonic() - started, 1)
     state["step"] = preset.steps
     state["metrics"] = final
-    save_checkpoint(out, model.eval(), tok, optimizer, state, metrics=final)
+    heldout = [*ds.heldout_pairs, *ds.heldout_labelled]
+    save_checkpoint(out, model.eval(), tok, optimizer, state, metrics=final, heldout=heldout)
     return final

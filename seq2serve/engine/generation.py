@@ -47,6 +47,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     num_beams: int = 1
     length_penalty: float = 1.0
+    # Keep going past EOS until max_new_tokens: fixed-length work for benchmarks.
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -254,7 +256,7 @@ class DecodeBatch:
         text, stopped = seq.stream.push(token)
         if stopped:
             seq.finish_reason = FINISH_STOP
-        elif token == cfg.eos_token_id:
+        elif token == cfg.eos_token_id and not seq.params.ignore_eos:
             seq.finish_reason = FINISH_EOS
         elif (
             len(seq.generated) >= seq.params.max_new_tokens

@@ -26,6 +26,7 @@ from seq2serve import contract
 from seq2serve.atomic import atomic_directory
 from seq2serve.export.graphs import OPSET, export_graphs
 from seq2serve.model.checkpoint import load_model
+from seq2serve.train import HELDOUT_FILE, read_heldout
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def export_bundle(
         }
         metrics_file = ckpt / "metrics.json"
         if metrics_file.exists():
-            manifest["task_metrics"] = json.loads(metrics_file.read_text())
+            manifest["training_metrics"] = json.loads(metrics_file.read_text())
 
         def write_manifest() -> None:
             manifest["files"] = {
@@ -206,5 +207,16 @@ def export_bundle(
             manifest["parity"] = {"fp32": verify_parity(model, tmp, quantized=False)}
             if quantize == "int8":
                 manifest["parity"]["int8"] = verify_parity(model, tmp, quantized=True)
+            write_manifest()
+        heldout_file = ckpt / HELDOUT_FILE
+        if heldout_file.exists():
+            from seq2serve.evaluate import evaluate_bundle
+
+            heldout = read_heldout(heldout_file)
+            manifest["task_metrics"] = {}
+            for quantized in variants:
+                name = "int8" if quantized else "fp32"
+                log.info("evaluating the %s graphs on %d held-out rows", name, len(heldout))
+                manifest["task_metrics"][name] = evaluate_bundle(tmp, heldout, quantized=quantized)
             write_manifest()
     return manifest
