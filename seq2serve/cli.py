@@ -61,9 +61,25 @@ def _serve(args: argparse.Namespace) -> int:
         "device": args.device,
         "host": args.host,
         "port": args.port,
+        "log_level": args.log_level,
     }
-    # Flags given on the command line override SEQ2SERVE_* environment variables.
-    serve(Settings(**{k: v for k, v in flags.items() if v is not None}))
+    from pydantic import ValidationError
+
+    try:
+        # Flags given on the command line override SEQ2SERVE_* environment variables.
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as err:
+        for problem in err.errors():
+            field = ".".join(str(p) for p in problem["loc"])
+            print(f"error: setting {field}: {problem['msg']}", file=sys.stderr)
+        return 2
+    from seq2serve.engine.bundle import BundleError
+
+    try:
+        serve(settings)
+    except BundleError as err:
+        print(f"error: cannot serve: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -92,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="seq2serve", description="Train, export and serve Transformer encoder-decoder models."
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="seq2serve's logging level (default INFO)"
+        "--log-level",
+        help="logging level (default INFO; for serve, SEQ2SERVE_LOG_LEVEL or INFO)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -159,9 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Libraries (onnxruntime's quantizer among them) log chatty INFO lines on the root logger.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("seq2serve").setLevel(args.log_level.upper())
+    if args.command != "serve":  # the server configures its own JSON logging from its settings
+        # Libraries (onnxruntime's quantizer among them) log chatty INFO lines on the root
+        # logger: they get WARNING, seq2serve's own progress INFO.
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("seq2serve").setLevel((args.log_level or "INFO").upper())
     return int(args.run(args))
 
 

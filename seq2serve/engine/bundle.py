@@ -112,20 +112,19 @@ def _graph_io(
     return [(i.name, kinds.get(i.type, i.type), tuple(i.shape)) for i in items]
 
 
-def load_bundle(
-    path: str | Path, quantized: bool = False, device: str = "cpu", threads: int | None = None
-) -> Bundle:
+def check_files(path: str | Path, quantized: bool = False) -> tuple[dict[str, Any], ModelConfig]:
+    """The checks that need no session: manifest, checksums, config. Cheap enough to run
+    before a server starts, so a bad bundle is refused with one clear line."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: not a directory")
     manifest = read_manifest(path)
     encoder_file = contract.onnx_file(contract.ENCODER_FILE, quantized)
-    decoder_file = contract.onnx_file(contract.DECODER_FILE, quantized)
     needed = [
         contract.CONFIG_FILE,
         contract.TOKENIZER_FILE,
         encoder_file,
-        decoder_file,
+        contract.onnx_file(contract.DECODER_FILE, quantized),
         contract.onnx_data_file(quantized),
     ]
     if quantized and encoder_file not in manifest["files"]:
@@ -137,6 +136,16 @@ def load_bundle(
         config = ModelConfig.load(path / contract.CONFIG_FILE)
     except ConfigError as err:
         raise BundleError(str(err)) from err
+    return manifest, config
+
+
+def load_bundle(
+    path: str | Path, quantized: bool = False, device: str = "cpu", threads: int | None = None
+) -> Bundle:
+    path = Path(path)
+    manifest, config = check_files(path, quantized)
+    encoder_file = contract.onnx_file(contract.ENCODER_FILE, quantized)
+    decoder_file = contract.onnx_file(contract.DECODER_FILE, quantized)
     try:
         tokenizer = Tokenizer.from_file(str(path / contract.TOKENIZER_FILE))
     except Exception as err:  # the tokenizers library raises a bare Exception

@@ -89,8 +89,9 @@ class Sequence:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted: np.ndarray = logits - logits.max(axis=-1, keepdims=True)
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return out
 
 
 def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) -> np.ndarray:
@@ -101,10 +102,13 @@ def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) 
     logits = logits.astype(np.float32, copy=True)
     if p.repetition_penalty != 1.0 and generated:
         seen = np.unique(np.asarray(generated))
-        values = logits[seen]
-        logits[seen] = np.where(
+        values = logits[seen].astype(np.float64)
+        penalized = np.where(
             values > 0, values / p.repetition_penalty, values * p.repetition_penalty
         )
+        # Extreme penalties must not overflow float32 into inf (then NaN probabilities).
+        limit = float(np.finfo(np.float32).max) / 4
+        logits[seen] = np.clip(penalized, -limit, limit)
     if not p.do_sample:
         return logits
     logits /= p.temperature
@@ -310,7 +314,7 @@ def beam_search(
     token_logprobs: list[list[float]] = [[] for _ in range(k)]
 
     def normalized(score: float, length: int) -> float:
-        return score / length**params.length_penalty
+        return float(score / float(length) ** params.length_penalty)
 
     limit = min(params.max_new_tokens, cfg.max_target_positions)
     for step in range(limit):

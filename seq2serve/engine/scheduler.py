@@ -273,7 +273,8 @@ class Engine:
                 and (remaining := deadline - time.monotonic()) > 0
             ):
                 self._wake.wait(remaining)
-        jobs, inputs = [], 0
+        jobs: list[_EncodeJob] = []
+        inputs = 0
         while self._encodes and (not jobs or inputs + len(self._encodes[0].source_ids) <= limit):
             job = self._encodes.popleft()
             jobs.append(job)

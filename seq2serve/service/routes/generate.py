@@ -1,0 +1,230 @@
+"""``POST /v1/generate`` in Text Generation Inference's shapes, JSON or Server-Sent Events.
+
+TGI's own paths are served too (not in the OpenAPI document): ``POST /generate``,
+``POST /generate_stream`` and ``POST /``, which is where
+``huggingface_hub.InferenceClient(base_url).text_generation`` posts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from seq2serve.engine.generation import SamplingParams, TokenEvent
+from seq2serve.engine.scheduler import GenerationStream, RequestFailed
+from seq2serve.service import sse
+from seq2serve.service.deps import EngineDep, LimitsDep, SettingsDep
+from seq2serve.service.errors import ApiError, error_responses, invalid
+from seq2serve.service.inputs import check_text, tokenize
+from seq2serve.service.schemas import (
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    sse_event_schema,
+)
+from seq2serve.service.settings import GREEDY_BELOW_TEMPERATURE, Limits
+from seq2serve.service.work import collect, open_stream
+
+router = APIRouter(tags=["generate"])
+
+_STREAM_DOC = (
+    "Server-Sent Events (with `stream: true`): one `data:` event per token, "
+    "`{index, token: {id, text, logprob, special}, generated_text: null, details: null}`; the "
+    "last event carries `generated_text` and `details`. After the stream has opened, an error "
+    "is sent as `event: error` with the error JSON, and the stream closes. A `: keep-alive` "
+    "comment is sent when the stream is idle."
+)
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The generated text (JSON), or a stream of token events (SSE).",
+        "content": {
+            "application/json": {},
+            sse.MEDIA_TYPE: {
+                "schema": sse_event_schema(
+                    {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/StreamEvent"},
+                            {"$ref": "#/components/schemas/ErrorBody"},
+                        ]
+                    },
+                    _STREAM_DOC,
+                )
+            },
+        },
+    },
+    **error_responses(400, 401, 413, 422, 429, 503),
+}
+
+
+def sampling_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> SamplingParams:
+    """Checks that depend on several fields or on the server's limits, then the engine's
+    parameters. (Single-field ranges are in the schema.)"""
+    if p.max_new_tokens is not None and p.max_new_tokens > limits.max_new_tokens:
+        raise invalid(
+            f"parameters.max_new_tokens: {p.max_new_tokens} is more than the limit of "
+            f"{limits.max_new_tokens} (max_new_tokens)",
+            "parameters.max_new_tokens",
+            "limit_exceeded",
+        )
+    if p.num_beams > 1 and stream:
+        raise invalid(
+            "parameters.num_beams: beam search (num_beams > 1) cannot stream; "
+            "send stream: false or num_beams: 1",
+            "parameters.num_beams",
+        )
+    if p.num_beams > 1 and p.do_sample:
+        raise invalid(
+            "parameters.num_beams: beam search (num_beams > 1) does not sample; "
+            "send do_sample: false or num_beams: 1",
+            "parameters.num_beams",
+        )
+    if p.do_sample and p.temperature is not None and p.temperature <= 0:
+        raise invalid(
+            "parameters.temperature: must be greater than 0 when do_sample is true",
+            "parameters.temperature",
+        )
+    for i, stop in enumerate(p.stop):
+        check_text(stop, f"parameters.stop.{i}")
+    sample = p.do_sample
+    if p.temperature is not None and p.temperature < GREEDY_BELOW_TEMPERATURE:
+        sample = False
+    return SamplingParams(
+        max_new_tokens=p.max_new_tokens or limits.default_new_tokens,
+        do_sample=sample,
+        temperature=p.temperature if sample and p.temperature is not None else 1.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        seed=p.seed,
+        stop=tuple(p.stop),
+        num_beams=p.num_beams,
+        length_penalty=p.length_penalty,
+    )
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no NaN or infinity; a model that produced one still gets a valid answer.
+    return value if math.isfinite(value) else None
+
+
+def token_json(event: TokenEvent) -> dict[str, Any]:
+    return {
+        "id": event.token_id,
+        "text": event.text,
+        "logprob": _finite(event.logprob),
+        "special": event.special,
+    }
+
+
+def _details(stream: GenerationStream, input_length: int) -> dict[str, Any]:
+    seq = stream.sequence
+    return {
+        "finish_reason": seq.finish_reason,
+        "generated_tokens": len(seq.generated),
+        "input_length": input_length,
+        "seed": seq.seed,
+    }
+
+
+async def tgi_events(stream: GenerationStream, input_length: int) -> AsyncGenerator[bytes, None]:
+    index = 0
+    try:
+        async for event in stream:
+            index += 1
+            last = event.finish_reason is not None
+            yield sse.data_event(
+                {
+                    "index": index,
+                    "token": token_json(event),
+                    "generated_text": stream.sequence.text if last else None,
+                    "details": _details(stream, input_length) if last else None,
+                }
+            )
+    except RequestFailed as err:
+        yield sse.error_event(
+            ApiError(500, f"the model failed on this request: {err}", code="engine_error")
+        )
+    finally:
+        stream.cancel()
+
+
+async def _generate(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    limits: Limits,
+    keepalive_s: float,
+    *,
+    stream: bool,
+) -> Response:
+    params = sampling_params(body.parameters, limits, stream=stream)
+    check_text(body.inputs, "inputs")
+    (ids,) = await tokenize(engine, [body.inputs], ["inputs"], limits, truncate=None)
+    generation = open_stream(engine, ids, params)
+    if stream:
+        return sse.EventStreamResponse(
+            tgi_events(generation, len(ids)), keepalive_s=keepalive_s, on_close=generation.cancel
+        )
+    events = await collect(generation, request)
+    out: dict[str, Any] = {"generated_text": generation.sequence.text}
+    if body.parameters.details:
+        out["details"] = {
+            **_details(generation, len(ids)),
+            "tokens": [token_json(e) for e in events],
+        }
+    return JSONResponse(out)
+
+
+@router.post(
+    "/v1/generate",
+    summary="Generate text (TGI-compatible); stream: true answers with Server-Sent Events",
+    response_model=GenerateResponse,
+    responses=RESPONSES,
+)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+) -> Response:
+    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=body.stream)
+
+
+@router.post("/", include_in_schema=False)
+async def tgi_compat(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+) -> Response:
+    """TGI's compat route: where InferenceClient(base_url).text_generation posts."""
+    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=body.stream)
+
+
+@router.post("/generate", include_in_schema=False)
+async def tgi_generate(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+) -> Response:
+    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=False)
+
+
+@router.post("/generate_stream", include_in_schema=False)
+async def tgi_generate_stream(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    limits: LimitsDep,
+    settings: SettingsDep,
+) -> Response:
+    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=True)
