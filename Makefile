@@ -28,22 +28,33 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 serve: $(SERVE_STAMP)
 	$(BIN)/seq2serve serve
 
-test: $(DEV_STAMP)
-	$(BIN)/ruff check seq2serve tests
-	$(BIN)/ruff format --check seq2serve tests
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check seq2serve tests
 	$(BIN)/ruff format --check seq2serve tests
-	$(BIN)/mypy seq2serve
+	$(BIN)/mypy --strict
 
 bench: $(DEV_STAMP)
 	$(BIN)/seq2serve bench
 
-# Reproduces the shipped default checkpoint (about 15 minutes on 2 CPU cores).
+# Reproduces the shipped default bundle: train (about 10 minutes on 2 CPU cores), then export
+# with int8 graphs, parity and held-out figures in the manifest.
 train: $(DEV_STAMP)
-	$(BIN)/seq2serve train --out models/default
+	$(BIN)/seq2serve train --out runs/default
+	$(BIN)/seq2serve export runs/default --out models/default --quantize int8 --verify
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
+
+# The server image and its smoke test (podman or docker; docs/deploy.md). Not part of
+# `make test`: they need a container engine. image-test builds, runs the image read-only
+# (SSE, encode, classify, SIGTERM drain) and runs the k8s Deployment under podman kube play.
+.PHONY: image image-test
+image:
+	scripts/build-image.sh
+
+image-test: $(DEV_STAMP)
+	scripts/image-test.sh
+	PYTHON=$(BIN)/python scripts/kube-play-test.sh
