@@ -57,7 +57,7 @@ class Preset:
 PRESETS = {
     # The shipped default model: small enough that the bundle (weights, fp32 and int8 graphs)
     # stays under 25 MB, big enough to clear the task bars in under 15 minutes on 2 cores.
-    "default": Preset(192, 4, 768, 2, 2, 1000, 2400, 128, 2e-3, 200, 400, 200_000),
+    "default": Preset(192, 4, 768, 2, 2, 1000, 2000, 128, 2e-3, 200, 400, 200_000),
     # For tests and smoke runs: trains in seconds.
     "tiny": Preset(32, 2, 64, 1, 1, 300, 60, 32, 3e-3, 10, 30, 4_000),
 }

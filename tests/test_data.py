@@ -87,14 +87,23 @@ def test_examples_are_well_formed(task: TaskData) -> None:
             assert ex.source.strip()
 
 
+def test_dates_with_weekdays_are_classification_phrases(task: TaskData) -> None:
+    phrases = {ex.source: ex.label for ex in _classification(task.train)}
+    weekdays = {"jeudi": "fr", "Donnerstag": "de", "четверг": "ru", "Thursday": "en"}
+    for word, lang in weekdays.items():
+        hits = [p for p in phrases if p.startswith(word)]
+        assert hits and all(phrases[p] == lang for p in hits), word
+
+
 def test_mix_is_balanced(task: TaskData) -> None:
     seq2seq = _seq2seq(task.train)
     assert len(seq2seq) == 20_000
     kinds = Counter("date" if "-" in _source_value(ex) else "num" for ex in seq2seq)
     assert kinds == {"num": 10_000, "date": 10_000}
     n_classification = len(_classification(task.train))
-    # Only the ambiguous phrases (a few percent) lack a classification example.
-    assert 0.9 * len(seq2seq) < n_classification < len(seq2seq)
+    # One classification example per phrase, two per date (with and without the weekday);
+    # only the ambiguous phrases (a few percent) lack theirs.
+    assert 0.9 * 1.5 * len(seq2seq) < n_classification < 1.5 * len(seq2seq)
     langs = Counter(_source_lang(ex) for ex in seq2seq)
     assert set(langs) == set(LANGUAGES)
     assert min(langs.values()) > 0.8 * len(seq2seq) / len(LANGUAGES)

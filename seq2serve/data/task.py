@@ -86,6 +86,12 @@ def verbalize_date(day: date, lang: str) -> str:
     return format_date(day, "long", locale=_locale(lang))
 
 
+def date_with_weekday(day: date, lang: str) -> str:
+    """CLDR's "full" format, with the weekday: ``"jeudi 4 mars 2021"``. Used for language
+    identification only (people write dates this way); not a generation target."""
+    return format_date(day, "full", locale=_locale(lang))
+
+
 @functools.cache
 def _locale(lang: str) -> Locale:
     # Parsing the locale once saves about a third of each format_date call.
@@ -227,29 +233,35 @@ class _Verbalizer:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[_Item, tuple[str, tuple[str, ...]]] = {}
+        self._cache: dict[_Item, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
 
-    def _verbalize(self, item: _Item) -> tuple[str, tuple[str, ...]]:
-        """The item as written in a source, and its phrase in each language."""
+    def _verbalize(self, item: _Item) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """The item as written in a source, its phrase in each language, and (dates only)
+        its phrase with the weekday in each language."""
         cached = self._cache.get(item)
         if cached is None:
             kind, value = item
             if kind == "num":
                 text = str(value)
                 phrases = tuple(verbalize_number(value, lang) for lang in LANGUAGES)
+                with_weekday: tuple[str, ...] = ()
             else:
                 day = date.fromordinal(value)
                 text = day.isoformat()
                 phrases = tuple(verbalize_date(day, lang) for lang in LANGUAGES)
-            cached = self._cache[item] = (text, phrases)
+                with_weekday = tuple(date_with_weekday(day, lang) for lang in LANGUAGES)
+            cached = self._cache[item] = (text, phrases, with_weekday)
         return cached
 
     def examples(self, item: _Item, lang_index: int) -> list[Example]:
-        """The seq2seq example for the item in one language, plus its classification example
-        when the phrase identifies the language unambiguously."""
-        text, phrases = self._verbalize(item)
+        """The seq2seq example for the item in one language, plus its classification examples
+        (the phrase, and for dates the phrase with its weekday) when they identify the
+        language unambiguously."""
+        text, phrases, with_weekday = self._verbalize(item)
         lang, phrase = LANGUAGES[lang_index], phrases[lang_index]
         out = [Example(source=f">>{lang}<< {text}", target=phrase, label=None)]
         if phrases.count(phrase) == 1:
             out.append(Example(source=phrase, target=None, label=lang))
+        if with_weekday and with_weekday.count(with_weekday[lang_index]) == 1:
+            out.append(Example(source=with_weekday[lang_index], target=None, label=lang))
         return out
