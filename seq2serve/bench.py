@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +184,8 @@ def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pop
     import httpx
 
     port = _free_port()
+    # The server's log goes to a file: an unread pipe fills up and blocks the server.
+    log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
     env = {
         **os.environ,
         "SEQ2SERVE_MODEL_DIR": str(model),
@@ -202,7 +205,7 @@ def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pop
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log_file,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

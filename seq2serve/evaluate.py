@@ -6,11 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from seq2serve.data.files import Example
 from seq2serve.engine.bundle import load_bundle
-from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
+from seq2serve.engine.generation import DecodeBatch, SamplingParams, pad_rows, run_to_completion
 from seq2serve.engine.runtime import OnnxBackend
 
 
@@ -39,11 +37,7 @@ def evaluate_bundle(
     for start in range(0, len(labelled), batch_size):
         chunk = labelled[start : start + batch_size]
         rows = [tok.encode(e.source).ids[: cfg.max_source_positions] for e in chunk]
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), cfg.pad_token_id, np.int64)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = r, 1
+        ids, mask = pad_rows(rows, cfg.pad_token_id)
         pred = backend.encode(ids, mask).class_logits.argmax(-1)
         right += sum(
             int(p) == index.get(e.label or "", -1) for p, e in zip(pred, chunk, strict=True)

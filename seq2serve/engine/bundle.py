@@ -44,7 +44,7 @@ class Bundle:
         return self.path.name
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -73,7 +73,7 @@ def verify_files(path: Path, manifest: dict[str, Any], names: list[str]) -> None
             raise BundleError(f"{file}: not listed in {contract.MANIFEST_FILE}")
         if not file.exists():
             raise BundleError(f"{file}: missing")
-        if _sha256(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.get("sha256"):
             raise BundleError(
                 f"{file}: sha256 does not match {contract.MANIFEST_FILE} (corrupted or replaced)"
             )

@@ -103,10 +103,11 @@ def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) 
     if p.repetition_penalty != 1.0 and generated:
         seen = np.unique(np.asarray(generated))
         values = logits[seen].astype(np.float64)
-        penalized = np.where(
-            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-        )
-        # Extreme penalties must not overflow float32 into inf (then NaN probabilities).
+        # Extreme penalties must not overflow into inf (then NaN probabilities): clip.
+        with np.errstate(over="ignore"):
+            penalized = np.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
         limit = float(np.finfo(np.float32).max) / 4
         logits[seen] = np.clip(penalized, -limit, limit)
     if not p.do_sample:
@@ -132,6 +133,17 @@ def choose(logits: np.ndarray, seq: Sequence) -> int:
         return int(processed.argmax())
     probs = np.exp(log_softmax(processed).astype(np.float64))
     return int(seq.rng.choice(probs.shape[-1], p=probs / probs.sum()))
+
+
+def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad id lists into (ids, attention_mask), both int64 (B, longest)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 def _pad_to(array: np.ndarray, axis: int, length: int) -> np.ndarray:
@@ -170,12 +182,7 @@ class DecodeBatch:
         """Encode ``seqs`` in one encoder call and append them as rows."""
         if not seqs:
             return
-        width = max(len(s.source_ids) for s in seqs)
-        ids = np.full((len(seqs), width), self.config.pad_token_id, np.int64)
-        mask = np.zeros((len(seqs), width), np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s.source_ids)] = s.source_ids
-            mask[i, : len(s.source_ids)] = 1
+        ids, mask = pad_rows([s.source_ids for s in seqs], self.config.pad_token_id)
         encoded = self.backend.encode(ids, mask)
         self.add_encoded(seqs, encoded.cross, mask)
 

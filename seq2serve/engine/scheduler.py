@@ -37,6 +37,7 @@ from seq2serve.engine.generation import (
     Sequence,
     TokenEvent,
     beam_search,
+    pad_rows,
 )
 from seq2serve.engine.metrics import EngineMetrics
 from seq2serve.engine.runtime import Backend
@@ -306,12 +307,7 @@ class Engine:
             start += n
 
     def _encode_rows(self, rows: list[list[int]]) -> EncodeOutput:
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.config.pad_token_id, np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(rows, self.config.pad_token_id)
         out = self.backend.encode(ids, mask)
         if self.metrics:
             self.metrics.batch_size.labels("encode").observe(len(rows))

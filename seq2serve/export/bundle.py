@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import seq2serve
 from seq2serve import contract
 from seq2serve.atomic import atomic_directory
+from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs
 from seq2serve.model.checkpoint import load_model
 from seq2serve.train import HELDOUT_FILE, read_heldout
@@ -120,14 +121,6 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(
         src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
     )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _io_table(cfg: Any) -> dict[str, Any]:
