@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from seq2serve.atomic import atomic_directory
 from seq2serve.config import ModelConfig
-from seq2serve.data.files import Example, load_examples
+from seq2serve.data.files import HELDOUT_FILE, Example, load_examples, write_heldout
 from seq2serve.data.task import build_default_task, language_tags
 from seq2serve.data.tokenizer import train_tokenizer
 from seq2serve.model.checkpoint import load_model, save_weights
@@ -240,21 +240,6 @@ def save_checkpoint(
         if heldout:
             # Export evaluates the ONNX graphs (fp32 and int8) on the same held-out rows.
             write_heldout(tmp / HELDOUT_FILE, heldout)
-
-
-HELDOUT_FILE = "heldout.jsonl"
-
-
-def write_heldout(path: Path, examples: Sequence[Example]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for e in examples:
-            row = {"source": e.source, "target": e.target, "label": e.label}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_heldout(path: Path) -> list[Example]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [Example(r["source"], r.get("target"), r.get("label")) for r in rows]
 
 
 def _optimizer_tensors(

@@ -142,3 +142,20 @@ def _json_type(value: object) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+# A checkpoint's held-out rows, seq2seq and classification alike: training writes them, export
+# evaluates the ONNX graphs (fp32 and int8) on the same rows.
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def write_heldout(path: Path, examples: Sequence[Example]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            row = {"source": e.source, "target": e.target, "label": e.label}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_heldout(path: Path) -> list[Example]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [Example(r["source"], r.get("target"), r.get("label")) for r in rows]

@@ -24,10 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 import seq2serve
 from seq2serve import contract
 from seq2serve.atomic import atomic_directory
+from seq2serve.data.files import HELDOUT_FILE, read_heldout
 from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs
 from seq2serve.model.checkpoint import load_model
-from seq2serve.train import HELDOUT_FILE, read_heldout
 
 log = logging.getLogger(__name__)
 
