@@ -22,7 +22,7 @@ $(SERVE_STAMP): pyproject.toml | $(BIN)/python
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[train,dev]'
+	$(PIP) -e '.[train,dev,hf]'
 	touch $@ $(SERVE_STAMP)
 
 serve: $(SERVE_STAMP)
@@ -58,3 +58,4 @@ image:
 image-test: $(DEV_STAMP)
 	scripts/image-test.sh
 	PYTHON=$(BIN)/python scripts/kube-play-test.sh
+

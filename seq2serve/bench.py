@@ -53,6 +53,9 @@ class BenchConfig:
     server_seconds: float = 15.0
     server: bool = True
     uncached: bool = True
+    # Hugging Face directory for the transformers / CTranslate2 peer rows (default: the
+    # hf_source that `seq2serve import-hf` recorded beside the model, if any).
+    hf_model: Path | None = None
 
 
 def machine() -> dict[str, Any]:
@@ -323,7 +326,7 @@ def bench_server(cfg: BenchConfig, max_batch_size: int) -> dict[str, Any]:
 def run(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
-        "config": {**cfg.__dict__, "model": str(cfg.model)},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
     }
     bundle = load_bundle(cfg.model, threads=cfg.threads)
     tokenizer = bundle.tokenizer
@@ -358,6 +361,32 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict[st
         for b in cfg.batch_sizes:
             progress(f"decode: torch uncached, batch {b}")
             decode["torch uncached"][str(b)] = bench_uncached(model, cfg, b)
+    hf_dir = None
+    try:
+        from seq2serve.hf.peers import find_hf_source, peer_rows
+
+        hf_dir = find_hf_source(cfg.model, cfg.hf_model)
+    except ImportError:
+        progress("the hf extra is not installed: peer rows skipped")
+    if hf_dir is not None:
+        mc = bundle.config
+        src = {
+            b: sources(mc.vocab_size, b, cfg.source_tokens, mc.eos_token_id)
+            for b in cfg.batch_sizes
+        }
+        decode.update(
+            peer_rows(
+                hf_dir,
+                tokenizer,
+                src,
+                cfg.new_tokens,
+                cfg.repeats,
+                cfg.threads,
+                _median_time,
+                _figures,
+                progress,
+            )
+        )
     results["decode"] = decode
     progress("step cost: step 16 vs step 256 (onnx fp32)")
     results["step_growth"] = bench_step_growth(OnnxBackend(bundle), tokenizer, cfg)

@@ -51,6 +51,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_hf(args: argparse.Namespace) -> int:
+    try:
+        from seq2serve.hf.convert import UnsupportedModel, import_hf
+    except ImportError as err:
+        print(
+            f"error: import-hf needs the optional 'hf' dependencies ({err}); "
+            "install them with: pip install 'seq2serve[hf]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = import_hf(args.hf_dir, args.out)
+    except (FileNotFoundError, UnsupportedModel) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"checkpoint": str(args.out), "model_type": result.model_type}, indent=2))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from seq2serve.service.server import serve
     from seq2serve.service.settings import Settings
@@ -96,6 +115,7 @@ def _bench(args: argparse.Namespace) -> int:
         server_clients=args.clients,
         server_seconds=args.seconds,
         server=not args.no_server,
+        hf_model=args.hf_model,
     )
     results = main(cfg, args.json)
     print(table(results))
@@ -141,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_export)
 
     p = commands.add_parser(
+        "import-hf",
+        help="convert a local Hugging Face MarianMT or BART checkpoint",
+        description="Convert a local Hugging Face MarianMT or BART directory (config.json, "
+        "model.safetensors or pytorch_model.bin, tokenizer files) into a seq2serve checkpoint "
+        "(config.json, tokenizer.json, model.safetensors) for `seq2serve export`. Options the "
+        "model cannot reproduce exactly are refused with a message naming them. Needs the "
+        "'hf' extra.",
+    )
+    p.add_argument("hf_dir", type=Path, help="Hugging Face model directory (local)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.set_defaults(run=_import_hf)
+
+    p = commands.add_parser(
         "serve",
         help="start the HTTP server",
         description="Start the HTTP server. Settings come from SEQ2SERVE_* environment "
@@ -169,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
     p.add_argument("--no-server", action="store_true", help="skip the server load run")
+    p.add_argument(
+        "--hf-model",
+        type=Path,
+        help="Hugging Face directory of the same weights, for the transformers and CTranslate2 "
+        "peer rows (default: the hf_source recorded by import-hf, when present)",
+    )
     p.add_argument("--json", type=Path, default=Path("bench-results/bench.json"), help="output")
     p.set_defaults(run=_bench)
     return parser

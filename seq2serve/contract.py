@@ -25,6 +25,8 @@ DECODER_FILE = "decoder.onnx"
 # (used by the encoder, the decoder and the tied LM head) is stored once.
 ONNX_DATA_FILE = "model.onnx.data"
 INT8_SUFFIX = ".int8"
+# Where `seq2serve import-hf` found a model (benchmarks run the original on the same weights).
+HF_SOURCE_FILE = "hf_source.json"
 
 # Symbolic axes.
 BATCH = "batch_size"

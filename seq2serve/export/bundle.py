@@ -76,30 +76,34 @@ def share_weights(graphs: dict[str, onnx.ModelProto], data_file: Path) -> dict[s
                 init.external_data.add(key=k, value=v)
 
         for graph in graphs.values():
-            arrays = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
-            keys = {_key(a): name for name, a in arrays.items() if a.nbytes >= INLINE_BYTES}
-            transposes: list[onnx.NodeProto] = []
+            # Each initializer, in order: already stored -> point at it; its transpose already
+            # stored -> a Transpose node over a stored tensor; else store it. A Transpose's
+            # input is always a stored initializer, never another Transpose's output, so a
+            # tensor and its transpose in one graph cannot feed each other.
             kept: list[TensorProto] = []
+            transposes: list[onnx.NodeProto] = []
+            here: dict[tuple[str, tuple[int, ...], str], str] = {}  # stored key -> name here
             for init in graph.graph.initializer:
-                array = arrays[init.name]
+                array = numpy_helper.to_array(init)
                 if array.nbytes < INLINE_BYTES:
                     kept.append(init)
                     continue
-                if array.ndim == 2:
-                    source_key = _key(array.T)
-                    if source_key in stored or source_key in keys:
-                        source = keys.get(source_key)
-                        if source is None:  # stored by an earlier graph, not present here
-                            source = f"{init.name}.transposed_source"
-                            extra = numpy_helper.from_array(np.ascontiguousarray(array.T), source)
-                            externalize(extra, *place(np.ascontiguousarray(array.T)))
-                            kept.append(extra)
-                            keys[source_key] = source
-                        transposes.append(
-                            helper.make_node("Transpose", [source], [init.name], perm=[1, 0])
-                        )
-                        continue
+                key = _key(array)
+                source_key = _key(array.T) if array.ndim == 2 else None
+                if key not in stored and source_key in stored:
+                    source = here.get(source_key)
+                    if source is None:  # stored by an earlier graph, not present here
+                        source = f"{init.name}.transposed_source"
+                        extra = numpy_helper.from_array(np.ascontiguousarray(array.T), source)
+                        externalize(extra, *place(np.ascontiguousarray(array.T)))
+                        kept.append(extra)
+                        here[source_key] = source
+                    transposes.append(
+                        helper.make_node("Transpose", [source], [init.name], perm=[1, 0])
+                    )
+                    continue
                 externalize(init, *place(array))
+                here.setdefault(key, init.name)
                 kept.append(init)
             del graph.graph.initializer[:]
             graph.graph.initializer.extend(kept)
@@ -145,6 +149,10 @@ def export_bundle(
     with atomic_directory(out) as tmp:
         for name in (contract.CONFIG_FILE, contract.TOKENIZER_FILE, contract.WEIGHTS_FILE):
             shutil.copy2(ckpt / name, tmp / name)
+        if (
+            ckpt / contract.HF_SOURCE_FILE
+        ).exists():  # where `import-hf` found the model (bench peers)
+            shutil.copy2(ckpt / contract.HF_SOURCE_FILE, tmp / contract.HF_SOURCE_FILE)
         raw = tmp / "raw"
         raw.mkdir()
         log.info("exporting encoder and decoder graphs (opset %d)", OPSET)
