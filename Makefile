@@ -59,3 +59,10 @@ image-test: $(DEV_STAMP)
 	scripts/image-test.sh
 	PYTHON=$(BIN)/python scripts/kube-play-test.sh
 
+# The reliability suite's long form (about 15 minutes on 2 cores): load, a 10-minute soak,
+# cancellation, overload, bad bundles, SIGTERM drain, hostile input with schemathesis, API
+# keys and pip-audit, against real servers on 127.0.0.1. Prints each figure against its bar
+# and writes bench-results/reliability.json. `make test` runs the short form.
+.PHONY: reliability
+reliability: $(DEV_STAMP)
+	$(BIN)/python -m seq2serve.reliability --out bench-results/reliability.json

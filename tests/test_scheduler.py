@@ -145,12 +145,16 @@ def test_queue_bound_raises_queue_full(parts):
     async def body(engine, registry):
         ids = tok.encode(TEXTS[0]).ids
         first = engine.generate_stream(ids, SamplingParams(max_new_tokens=40))
-        await asyncio.sleep(0.05)  # the first one is running, filling the only slot
+        # Its first token: it holds the only slot. (A fixed sleep raced the tiny model, which
+        # can finish 40 tokens in under 50 ms.)
+        events = aiter(first)
+        await anext(events)
         second = engine.generate_stream(ids, SamplingParams(max_new_tokens=4))  # waits
         with pytest.raises(QueueFull) as info:
             engine.generate_stream(ids, SamplingParams(max_new_tokens=4))
         assert info.value.retry_after >= 1
-        await first.result()
+        async for _ in events:
+            pass
         await second.result()
         return True
 

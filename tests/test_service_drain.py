@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from seq2serve.reliability import bad_bundles
 from tests.service_helpers import free_socket, wait_ready
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,13 +123,12 @@ def test_sigterm_drains_streams_then_exits_0(tiny_bundle, tmp_path):
     assert "draining" in messages and "engine stopped" in messages
 
 
-def test_bad_bundle_is_refused_at_start(tiny_bundle, tmp_path):
-    """A bundle whose file fails its checksum stops `seq2serve serve` before it listens, with
-    one line naming the file, and a non-zero exit."""
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    config = bundle / "config.json"
-    config.write_text(config.read_text().replace('"d_ff"', ' "d_ff"'))
+@pytest.mark.parametrize("fault", ["wrong checksum", "missing file", "mismatched graph"])
+def test_bad_bundle_is_refused_at_start(tiny_bundle, tmp_path, fault):
+    """A bundle with a file that fails its checksum, a missing file, or a graph that breaks
+    the contract stops `seq2serve serve` before it listens, with one line naming the file and
+    a non-zero exit."""
+    bundle, name = bad_bundles(tiny_bundle, tmp_path)[fault]
     with free_socket() as sock:
         port = sock.getsockname()[1]
     out = subprocess.run(
@@ -149,8 +148,10 @@ def test_bad_bundle_is_refused_at_start(tiny_bundle, tmp_path):
         text=True,
         timeout=60,
         cwd=REPO,
+        env={**os.environ, "SEQ2SERVE_LOG_LEVEL": "WARNING"},
     )
     assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if "cannot serve" in line]
-    assert lines and str(config) in lines[0] and "sha256" in lines[0]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "cannot serve" in lines[0] and str(bundle / name) in lines[0]
     assert "Traceback" not in out.stderr

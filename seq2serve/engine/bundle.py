@@ -86,6 +86,15 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     opts.intra_op_num_threads = n
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Every request brings new shapes (batch rows, source length, cached length). A memory
+    # pattern is planned per shape and kept, and the CPU arena keeps its peak for good: one
+    # encoder batch of 32 x 512 tokens left the default bundle at 1.6 GB resident for the
+    # rest of the process (1.05 GB with the pattern off), against 0.18-0.22 GB with both
+    # off, for the same traffic. Decode steps measured the same either way (within noise,
+    # 2 cores); large encoder batches cost about 15 % more. Bounded memory wins for a
+    # server under a container memory limit.
+    opts.enable_mem_pattern = False
+    opts.enable_cpu_mem_arena = False
     return opts
 
 
@@ -168,11 +177,12 @@ def load_bundle(
     problems = []
     for file, (inputs, outputs) in contract.graph_specs(config).items():
         session = sessions[contract.onnx_file(file, quantized)]
-        name = contract.onnx_file(file, quantized)
+        # The full path, first in the message: the one line `seq2serve serve` prints names it.
+        name = str(path / contract.onnx_file(file, quantized))
         problems += contract.check_io(name, inputs, _graph_io(session, False), "inputs")
         problems += contract.check_io(name, outputs, _graph_io(session, True), "outputs")
     if problems:
-        raise BundleError(f"{path}: graphs do not match the contract: " + "; ".join(problems))
+        raise BundleError("; ".join(problems) + " (the graphs do not match the contract)")
     provider = sessions[encoder_file].get_providers()[0]
     return Bundle(
         path=path,

@@ -89,7 +89,9 @@ def describe(engine: Engine, settings: Settings) -> LoadedModel:
     backend = engine.backend
     if isinstance(backend, OnnxBackend):
         return LoadedModel(engine, backend.bundle.model_id, "onnx", backend.bundle.provider)
-    return LoadedModel(engine, settings.model_dir.name, settings.runtime, type(backend).__name__)
+    # ``serve()`` builds the engine before the app, so the torch runtime arrives here too.
+    provider = f"torch:{settings.device}" if settings.runtime == "torch" else type(backend).__name__
+    return LoadedModel(engine, settings.model_dir.name, settings.runtime, provider)
 
 
 def create_app(

@@ -22,9 +22,9 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
-from seq2serve.engine.bundle import check_files
-from seq2serve.service.app import create_app
+from seq2serve.service.app import build_engine, create_app
 from seq2serve.service.logs import configure_logging
 from seq2serve.service.middleware import Traffic
 from seq2serve.service.settings import Settings
@@ -90,10 +90,14 @@ def make_server(settings: Settings, app: FastAPI | None = None) -> DrainingServe
 def serve(settings: Settings, app: FastAPI | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return (what ``seq2serve serve`` runs).
 
-    Raises ``BundleError`` naming the file before anything listens when the bundle's files,
-    checksums or config are wrong.
+    Raises ``BundleError`` naming the file before anything listens when the bundle cannot be
+    served: its files, checksums, config or graphs. The model is loaded here, not in the
+    lifespan, because uvicorn reports a lifespan failure as a traceback and exit code 3
+    rather than the one line the command prints.
     """
     configure_logging(settings.log_level_number)
-    if app is None and settings.runtime == "onnx":
-        check_files(settings.model_dir, settings.quantized)
+    if app is None:
+        registry = CollectorRegistry()
+        loaded = build_engine(settings, registry)
+        app = create_app(settings, engine=loaded.engine, registry=registry)
     make_server(settings, app).run()
