@@ -243,7 +243,7 @@ class Engine:
                 if not self._running and not self._has_work():
                     return
                 cancelled, self._cancelled = self._cancelled, set()
-                free = self.limits.max_batch_size - (len(self._live) - len(cancelled))
+                free = self.limits.max_batch_size - len(self._live.keys() - cancelled)
                 joiners = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
                 encodes = self._take_encodes()
             for seq_id in cancelled:
