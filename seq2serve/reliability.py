@@ -616,9 +616,12 @@ async def _cancel_rounds(
     problems: list[str] = []
     round_deadline = time.monotonic() + 30 + victims  # bounded whatever happens
     async with async_client(16) as http:
-        while victims_done < victims and time.monotonic() < round_deadline:
-            n = min(per_round, victims - victims_done)
-            drops = [rng.choice([0, 1, 2, 5, 10, 20, 40, rng.randint(1, 80)]) for _ in range(n)]
+        # Count only streams really dropped mid-stream (a sampled victim may reach EOS before
+        # its drop point); the deadline bounds the rounds whatever happens.
+        while mid_stream < victims and time.monotonic() < round_deadline:
+            n = min(per_round, victims - mid_stream)
+            points = [0, 1, 2, 5, 10, 20, 40, rng.randint(1, max_new - 1)]
+            drops = [min(rng.choice(points), max_new - 2) for _ in range(n)]
             chosen = [prompts[rng.randrange(len(prompts))] for _ in range(companions)]
             tasks = [
                 stream_generate(
