@@ -89,6 +89,10 @@ class ReliabilityConfig:
     soak_seconds: float = 600.0
     soak_warmup_s: float = 60.0
     soak_clients: int = 8
+    # Resident memory may grow at most this much from warm-up to the end. Over 10 minutes 5 %
+    # separates a leak from allocator noise; a 20-second soak swings by tens of MB between
+    # readings, so its bar only catches gross leaks.
+    soak_rss_growth_pct: float = 5.0
     cancel_streams: int = 100
     overload_clients: int = 48
     drain_streams: int = 16
@@ -104,6 +108,7 @@ SHORT = {
     "soak_seconds": 20.0,
     "soak_warmup_s": 6.0,
     "soak_clients": 4,
+    "soak_rss_growth_pct": 30.0,
     "cancel_streams": 20,
     "overload_clients": 24,
     "slow_client_s": 5.0,
@@ -572,8 +577,8 @@ def part_soak(
         part,
         "RSS warm-up high-water -> end, quiet (MB)",
         f"{high_water} -> {after.rss_mb} ({growth:+.1f} %)",
-        "< +5 %",
-        growth < 5,
+        f"< +{cfg.soak_rss_growth_pct:.0f} %",
+        growth < cfg.soak_rss_growth_pct,
     )
     r.figure(
         part,
