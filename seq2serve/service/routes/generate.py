@@ -8,7 +8,7 @@ TGI's own paths are served too (not in the OpenAPI document): ``POST /generate``
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -196,35 +196,24 @@ async def generate(
     return await _generate(body, request, engine, limits, settings.keepalive_s, stream=body.stream)
 
 
-@router.post("/", include_in_schema=False)
-async def tgi_compat(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    limits: LimitsDep,
-    settings: SettingsDep,
-) -> Response:
-    """TGI's compat route: where InferenceClient(base_url).text_generation posts."""
-    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=body.stream)
+def _tgi_route(stream: bool | None) -> Callable[..., Awaitable[Response]]:
+    """TGI's own paths: `/generate` and `/generate_stream` fix the answer's kind; `/` (where
+    InferenceClient(base_url).text_generation posts) reads it from the body."""
+
+    async def route(
+        body: GenerateRequest,
+        request: Request,
+        engine: EngineDep,
+        limits: LimitsDep,
+        settings: SettingsDep,
+    ) -> Response:
+        streaming = body.stream if stream is None else stream
+        return await _generate(
+            body, request, engine, limits, settings.keepalive_s, stream=streaming
+        )
+
+    return route
 
 
-@router.post("/generate", include_in_schema=False)
-async def tgi_generate(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    limits: LimitsDep,
-    settings: SettingsDep,
-) -> Response:
-    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=False)
-
-
-@router.post("/generate_stream", include_in_schema=False)
-async def tgi_generate_stream(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    limits: LimitsDep,
-    settings: SettingsDep,
-) -> Response:
-    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=True)
+for _path, _stream in (("/", None), ("/generate", False), ("/generate_stream", True)):
+    router.add_api_route(_path, _tgi_route(_stream), methods=["POST"], include_in_schema=False)
