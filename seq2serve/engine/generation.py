@@ -88,6 +88,13 @@ class Sequence:
         return self.stream.text
 
 
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """Per row (..., V) -> (...): the normalizer of log_softmax, without the (..., V) result."""
+    top = logits.max(axis=-1)
+    out: np.ndarray = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+    return out
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted: np.ndarray = logits - logits.max(axis=-1, keepdims=True)
     out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -243,7 +250,9 @@ class DecodeBatch:
         )
         self.past, self.dec_mask = out.present, dec_mask
         logits = out.logits[:, -1]  # (B, V)
-        logprobs = log_softmax(logits)
+        # Only the chosen tokens' log-probabilities are reported: one normalizer per row, not
+        # a (B, V) log_softmax every step.
+        normalizer = logsumexp(logits)
         greedy = np.argmax(logits, axis=-1)
         events, finished = [], set()
         for i, seq in enumerate(self.rows):
@@ -251,7 +260,7 @@ class DecodeBatch:
             plain = not p.do_sample and p.repetition_penalty == 1.0
             try:
                 token = int(greedy[i]) if plain else choose(logits[i], seq)
-                events.append(self._advance(seq, token, float(logprobs[i, token])))
+                events.append(self._advance(seq, token, float(logits[i, token] - normalizer[i])))
             except Exception as err:  # one sequence's failure must not end its batch-mates'
                 seq.finish_reason = FINISH_ERROR
                 events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))
