@@ -177,35 +177,30 @@ def bench_step_growth(backend: Backend, tokenizer: Any, cfg: BenchConfig) -> dic
 # Server load
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def serve_command(model: Path, port: int) -> list[str]:
+    """`seq2serve serve` for ``model`` on 127.0.0.1:``port``, in this Python."""
+    return [
+        sys.executable,
+        *("-m", "seq2serve.cli", "serve", "--model", str(model)),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+
+
 def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     # The server's log goes to a file: an unread pipe fills up and blocks the server.
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
-    env = {
-        **os.environ,
-        "SEQ2SERVE_MODEL_DIR": str(model),
-        "SEQ2SERVE_LOG_LEVEL": "WARNING",
-        **env_extra,
-    }
+    env = {**os.environ, "SEQ2SERVE_LOG_LEVEL": "WARNING", **env_extra}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "seq2serve.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        serve_command(model, port),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log_file,

@@ -58,7 +58,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve import contract
-from seq2serve.bench import start_server, stop_server
+from seq2serve.bench import free_port, serve_command, start_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
@@ -798,30 +798,13 @@ def bad_bundles(model: Path, root: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def part_bad_bundles(cfg: ReliabilityConfig, r: Report) -> None:
     part = "5 faults"
     with tempfile.TemporaryDirectory() as tmp:
         for what, (bundle, name) in bad_bundles(cfg.model, Path(tmp)).items():
             started = time.monotonic()
             out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "seq2serve.cli",
-                    "serve",
-                    "--model",
-                    str(bundle),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(_free_port()),
-                ],
+                serve_command(bundle, free_port()),
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -1117,31 +1100,28 @@ def part_hostile(
         _schemathesis(cfg, url, r)
 
 
+def schemathesis_command(
+    exe: str, url: str, max_examples: int, seed: int, *extra: str
+) -> list[str]:
+    """Fuzz every operation of the server's OpenAPI document with every check but
+    ``positive_data_acceptance``: a schema-valid text can still hold more tokens than the
+    model takes, a 422 that JSON Schema cannot express (it counts characters, not tokens)."""
+    return [
+        *(exe, "run", f"{url}/openapi.json", "--checks", "all"),
+        *("--exclude-checks", "positive_data_acceptance"),
+        *("--max-examples", str(max_examples), "--seed", str(seed)),
+        *("--workers", "2", "--request-timeout", "30"),
+        *extra,
+    ]
+
+
 def _schemathesis(cfg: ReliabilityConfig, url: str, r: Report) -> None:
     exe = Path(sys.executable).parent / "schemathesis"
     part = "6 hostile"
     if not exe.exists():
         r.figure(part, "schemathesis", "not installed: skipped")
         return
-    command = [
-        str(exe),
-        "run",
-        f"{url}/openapi.json",
-        "--checks",
-        "all",
-        # A schema-valid text can hold more tokens than the model takes (a 422 JSON Schema
-        # cannot express), as in tests/test_service_clients.py.
-        "--exclude-checks",
-        "positive_data_acceptance",
-        "--max-examples",
-        str(cfg.schemathesis_examples),
-        "--seed",
-        "1",
-        "--workers",
-        "2",
-        "--request-timeout",
-        "30",
-    ]
+    command = schemathesis_command(str(exe), url, cfg.schemathesis_examples, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=tmp)
     found = re.findall(r"(\d+) generated", out.stdout)

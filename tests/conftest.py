@@ -67,3 +67,18 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_checkpoint, out, quantize="int8", verify=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    """A real server on 127.0.0.1 over the tiny bundle, one per test module."""
+    from tests.service_helpers import running_server, settings_for
+
+    with running_server(settings_for(tiny_bundle)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c

@@ -23,18 +23,6 @@ LONG_TEXT = " ".join(str(n) for n in range(200))  # far more than the tiny model
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
-    with running_server(settings_for(tiny_bundle)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def model_id(client):
     return client.get("/v1/models").json()["data"][0]["id"]
 

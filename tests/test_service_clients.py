@@ -12,17 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seq2serve.reliability import schemathesis_command
 from tests.service_helpers import running_server, settings_for
 
 pytestmark = pytest.mark.timeout(180)
 
 PROMPT = ">>ru<< 1999-12-31"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bundle):
-    with running_server(settings_for(tiny_bundle)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +108,9 @@ def test_schemathesis_finds_nothing(server, tmp_path):
     than the model takes (a 422 that JSON Schema cannot express: it counts characters, not
     tokens), and sampling with temperature 0 is a 422 that depends on another field.
     """
-    command = [
-        _schemathesis(),
-        "run",
-        server.base_url + "/openapi.json",
-        "--checks",
-        "all",
-        "--exclude-checks",
-        "positive_data_acceptance",
-        "--max-examples",
-        "25",
-        "--seed",
-        "1",
-        "--workers",
-        "2",
-        "--request-timeout",
-        "30",
-        "--output-sanitize",
-        "false",
-    ]
+    command = schemathesis_command(
+        _schemathesis(), server.base_url, 25, 1, "--output-sanitize", "false"
+    )
     out = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "No issues found" in out.stdout
@@ -142,23 +121,9 @@ def test_schemathesis_with_api_key(tiny_bundle, tmp_path):
     that requests without it are refused (``ignored_auth``)."""
     settings = settings_for(tiny_bundle, api_key="k3y")
     with running_server(settings) as srv:
-        command = [
-            _schemathesis(),
-            "run",
-            srv.base_url + "/openapi.json",
-            "--checks",
-            "all",
-            "--exclude-checks",
-            "positive_data_acceptance",
-            "--max-examples",
-            "8",
-            "--seed",
-            "2",
-            "--workers",
-            "2",
-            "--header",
-            "Authorization: Bearer k3y",
-        ]
+        command = schemathesis_command(
+            _schemathesis(), srv.base_url, 8, 2, "--header", "Authorization: Bearer k3y"
+        )
         out = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from seq2serve.bench import serve_command
 from seq2serve.reliability import bad_bundles
 from tests.service_helpers import free_socket, wait_ready
 
@@ -132,18 +133,7 @@ def test_bad_bundle_is_refused_at_start(tiny_bundle, tmp_path, fault):
     with free_socket() as sock:
         port = sock.getsockname()[1]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "seq2serve.cli",
-            "serve",
-            "--model",
-            str(bundle),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        serve_command(bundle, port),
         capture_output=True,
         text=True,
         timeout=60,

@@ -34,18 +34,6 @@ SOURCES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle):
-    with running_server(settings_for(tiny_bundle)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as c:
-        yield c
-
-
 def stream(client: httpx.Client, body: dict[str, Any]) -> list[Any]:
     with connect_sse(client, "POST", "/v1/generate", json={**body, "stream": True}) as source:
         response = source.response
