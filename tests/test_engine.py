@@ -192,3 +192,10 @@ def test_int8_graphs_generate(tiny_bundle):
         ],
     )
     assert 0 < len(seq.generated) <= 8
+
+
+def test_tiny_temperature_samples_greedily(engine):
+    greedy = alone(engine, SOURCES[1], SamplingParams(max_new_tokens=12))
+    tiny = SamplingParams(max_new_tokens=12, do_sample=True, temperature=5e-324, seed=1)
+    assert not tiny.sampling
+    assert alone(engine, SOURCES[1], tiny) == greedy

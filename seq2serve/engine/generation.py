@@ -35,6 +35,11 @@ FINISH_STOP = "stop_sequence"
 FINISH_ERROR = "error"  # this sequence failed; the others in its batch carry on
 
 
+# Sampling below this temperature is greedy decoding: dividing logits by a smaller number
+# overflows float32 and the probabilities become NaN (vLLM draws the same line).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -49,6 +54,11 @@ class SamplingParams:
     length_penalty: float = 1.0
     # Keep going past EOS until max_new_tokens: fixed-length work for benchmarks.
     ignore_eos: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        """Whether tokens are drawn at random: do_sample at a temperature that can be used."""
+        return self.do_sample and self.temperature >= GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -117,7 +127,7 @@ def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) 
             )
         limit = float(np.finfo(np.float32).max) / 4
         logits[seen] = np.clip(penalized, -limit, limit)
-    if not p.do_sample:
+    if not p.sampling:
         return logits
     logits /= p.temperature
     if 0 < p.top_k < logits.shape[-1]:
@@ -136,7 +146,7 @@ def process_logits(logits: np.ndarray, generated: list[int], p: SamplingParams) 
 def choose(logits: np.ndarray, seq: Sequence) -> int:
     p = seq.params
     processed = process_logits(logits, seq.generated, p)
-    if not p.do_sample:
+    if not p.sampling:
         return int(processed.argmax())
     probs = np.exp(log_softmax(processed).astype(np.float64))
     return int(seq.rng.choice(probs.shape[-1], p=probs / probs.sum()))
@@ -257,7 +267,7 @@ class DecodeBatch:
         events, finished = [], set()
         for i, seq in enumerate(self.rows):
             p = seq.params
-            plain = not p.do_sample and p.repetition_penalty == 1.0
+            plain = not p.sampling and p.repetition_penalty == 1.0
             try:
                 token = int(greedy[i]) if plain else choose(logits[i], seq)
                 events.append(self._advance(seq, token, float(logits[i, token] - normalizer[i])))

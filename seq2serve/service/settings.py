@@ -77,9 +77,6 @@ class Settings(BaseSettings):
 # their total length, so both are bounded.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
-# Sampling below this temperature is greedy decoding: dividing logits by a smaller number
-# overflows float32 and the probabilities become NaN (vLLM draws the same line).
-GREEDY_BELOW_TEMPERATURE = 1e-5
 # A smaller repetition penalty divides logits into overflow, as a tiny temperature does.
 MIN_REPETITION_PENALTY = 1e-3
 # Beam search runs num_beams rows for one request; more would crowd out other requests.

@@ -26,7 +26,7 @@ from seq2serve.service.schemas import (
     GenerateResponse,
     sse_event_schema,
 )
-from seq2serve.service.settings import GREEDY_BELOW_TEMPERATURE, Limits
+from seq2serve.service.settings import Limits
 from seq2serve.service.work import collect, open_stream
 
 router = APIRouter(tags=["generate"])
@@ -90,13 +90,10 @@ def sampling_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> S
         )
     for i, stop in enumerate(p.stop):
         check_text(stop, f"parameters.stop.{i}")
-    sample = p.do_sample
-    if p.temperature is not None and p.temperature < GREEDY_BELOW_TEMPERATURE:
-        sample = False
     return SamplingParams(
         max_new_tokens=p.max_new_tokens or limits.default_new_tokens,
-        do_sample=sample,
-        temperature=p.temperature if sample and p.temperature is not None else 1.0,
+        do_sample=p.do_sample,
+        temperature=p.temperature if p.temperature is not None else 1.0,
         top_k=p.top_k or 0,
         top_p=p.top_p if p.top_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,

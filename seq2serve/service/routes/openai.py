@@ -33,7 +33,7 @@ from seq2serve.service.schemas import (
     ModelList,
     sse_event_schema,
 )
-from seq2serve.service.settings import GREEDY_BELOW_TEMPERATURE, Limits
+from seq2serve.service.settings import Limits
 from seq2serve.service.state import ServiceState
 from seq2serve.service.work import collect, open_stream
 
@@ -79,12 +79,13 @@ def completion_params(body: CompletionRequest, limits: Limits) -> SamplingParams
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     for i, stop in enumerate(stops):
         check_text(stop, "stop" if isinstance(body.stop, str) else f"stop.{i}")
+    # OpenAI's temperature 0 is greedy decoding; the engine also decodes greedily below
+    # GREEDY_BELOW_TEMPERATURE.
     temperature = 1.0 if body.temperature is None else body.temperature
-    sample = temperature >= GREEDY_BELOW_TEMPERATURE
     return SamplingParams(
         max_new_tokens=body.max_tokens or limits.default_new_tokens,
-        do_sample=sample,
-        temperature=temperature if sample else 1.0,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
         top_p=body.top_p if body.top_p is not None else 1.0,
         seed=body.seed,
         stop=tuple(stops),
