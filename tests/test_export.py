@@ -14,6 +14,7 @@ import torch
 from seq2serve import contract
 from seq2serve.engine.bundle import BundleError, load_bundle
 from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.export import quantize
 from seq2serve.export.bundle import sha256_file
 from seq2serve.export.verify import verify_parity
 from seq2serve.model.checkpoint import load_model
@@ -204,3 +205,60 @@ def test_export_is_reproducible_and_atomic(tiny_checkpoint, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert torch.__version__  # the exporter's own version is recorded
     assert "exporter" in json.loads((out / contract.MANIFEST_FILE).read_text())
+
+
+def test_int8_bundle_quantizes_the_tied_head_and_stores_the_table_once(tiny_bundle):
+    """The LM head (MatMul over the transposed embedding) is int8 like every other MatMul, the
+    embedding lookup reads the head's int8 rows, and no fp32 copy of the table is left."""
+    model, _ = load_model(tiny_bundle)
+    table = tuple(model.tokens.weight.shape)  # (V, C)
+    for file in (contract.ENCODER_FILE, contract.DECODER_FILE):
+        graph = onnx.load(
+            str(tiny_bundle / contract.onnx_file(file, True)), load_external_data=False
+        ).graph
+        shapes = {i.name: (tuple(i.dims), i.data_type) for i in graph.initializer}
+        assert (table, onnx.TensorProto.FLOAT) not in shapes.values(), file
+        assert (table[::-1], onnx.TensorProto.FLOAT) not in shapes.values(), file
+        assert shapes[quantize.EMBED_INT8] == (table, onnx.TensorProto.INT8), file
+        # No MatMul left in fp32 with a stored weight.
+        for node in graph.node:
+            if node.op_type == "MatMul":
+                assert node.input[1] not in shapes, (file, node.name)
+    decoder = onnx.load(
+        str(tiny_bundle / contract.onnx_file(contract.DECODER_FILE, True)),
+        load_external_data=False,
+    ).graph
+    heads = [
+        n for n in decoder.node if n.op_type == "Transpose" and n.input[0] == quantize.EMBED_INT8
+    ]
+    assert len(heads) == 1 and any(heads[0].output[0] in n.input for n in decoder.node)
+    params = sum(p.numel() for p in model.parameters())  # int8: about a byte each
+    size = (tiny_bundle / contract.onnx_data_file(True)).stat().st_size
+    assert size < params * 1.25 + 64 * 1024, (size, params)
+
+
+def test_int8_logits_follow_fp32(tiny_bundle):
+    """int8 logits track fp32's (the task-level agreement is measured on the trained default
+    model, whose int8 bars are in its manifest and in test_default_model)."""
+    fp32 = OnnxBackend(load_bundle(tiny_bundle))
+    int8 = OnnxBackend(load_bundle(tiny_bundle, quantized=True))
+    cfg = fp32.config
+    rng = np.random.default_rng(0)
+    src = rng.integers(10, cfg.vocab_size, (4, 9))
+    mask = np.ones_like(src)
+    ids = rng.integers(10, cfg.vocab_size, (4, 6))
+    logits = []
+    for backend in (fp32, int8):
+        cross = backend.encode(src, mask).cross
+        past = [np.zeros((4, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (
+            2 * cfg.n_decoder_layers
+        )
+        out = backend.decode(
+            ids, np.broadcast_to(np.arange(6), (4, 6)).copy(), np.ones_like(ids), mask, past, cross
+        )
+        logits.append(out.logits)
+    correlation = np.corrcoef(logits[0].ravel(), logits[1].ravel())[0, 1]
+    assert correlation > 0.99, correlation
+    # Every int8 choice is among fp32's best few (a random model has near-ties).
+    top = np.argsort(-logits[0], axis=-1)[..., :5]
+    assert (top == logits[1].argmax(-1)[..., None]).any(-1).all()

@@ -27,6 +27,7 @@ from seq2serve.atomic import atomic_directory
 from seq2serve.data.files import HELDOUT_FILE, read_heldout
 from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs
+from seq2serve.export.quantize import quantize_int8, tie_int8_embedding
 from seq2serve.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -114,19 +115,6 @@ def share_weights(graphs: dict[str, onnx.ModelProto], data_file: Path) -> dict[s
     return {"stored_bytes": stored_bytes, "referenced_bytes": referenced}
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """onnxruntime's dynamic quantization: int8 MatMul weights, activations quantized per call.
-
-    Gather (the embedding lookup) stays fp32 so the embedding is shared with the fp32 graphs'
-    layout; the LM head's MatMul, the biggest weight, is quantized.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
-    )
-
-
 def _io_table(cfg: Any) -> dict[str, Any]:
     table = {}
     for file, (inputs, outputs) in contract.graph_specs(cfg).items():
@@ -170,6 +158,7 @@ def export_bundle(
                 f: onnx.load(str(raw / contract.onnx_file(f, True)))
                 for f in (contract.ENCODER_FILE, contract.DECODER_FILE)
             }
+            tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         sizes = {}
