@@ -12,6 +12,7 @@ from seq2serve.engine.generation import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
+    REUSE_STEPS,
     DecodeBatch,
     SamplingParams,
     beam_search,
@@ -86,6 +87,49 @@ def test_rows_joining_at_different_steps_equal_alone(engine):
         assert seq.generated == expected[text], text
     # Leading holes are trimmed as rows leave: nothing is left behind.
     assert batch.dec_mask.shape == (0, 0) or batch.dec_mask.shape[0] == 0
+
+
+def test_freed_slots_are_reused_in_place_and_rows_stay_equal_to_alone(engine):
+    """A finished row frees its slot; the next joiner (shorter or longer source) is written
+    into it without growing the batch, and every sequence still gets its tokens alone."""
+    backend, tok = engine
+    texts = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3"]
+    lengths = [3, 9, 5, 12, 4, 7, 6]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    expected = [alone(engine, t, p) for t, p in zip(texts, params, strict=True)]
+    batch = DecodeBatch(backend, tok)
+    seqs = [batch.new_sequence(source_ids(tok, t), p) for t, p in zip(texts, params, strict=True)]
+    batch.add(seqs[:3])
+    waiting = seqs[3:]
+    widths = []
+    while len(batch) or waiting:
+        freed = len(batch.slots) - len(batch)
+        if waiting and freed:
+            batch.add([waiting.pop(0)])
+            assert len(batch.slots) == 3, "a joiner took a new slot while one was free"
+        widths.append(batch.enc_mask.shape[1])
+        batch.step()
+    for seq, want in zip(seqs, expected, strict=True):
+        assert seq.generated == want
+    assert max(widths) > min(widths), "no joiner had a longer source than the batch"
+    assert batch.slots == [] and batch.dec_mask.shape[0] == 0  # idle: nothing kept
+
+
+def test_a_slot_left_free_is_compacted_away(engine):
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    short = batch.new_sequence(source_ids(tok, SOURCES[0]), SamplingParams(max_new_tokens=1))
+    long = batch.new_sequence(
+        source_ids(tok, SOURCES[1]), SamplingParams(max_new_tokens=20, ignore_eos=True)
+    )
+    batch.add([short, long])
+    batch.step()
+    assert len(batch) == 1 and len(batch.slots) == 2  # freed, kept for a joiner
+    for _ in range(REUSE_STEPS + 1):
+        batch.step()
+    assert batch.slots == [long] and batch.past[0].shape[0] == 1
+    # Holes the finished row left behind are cut too: only the long row's columns remain.
+    assert batch.dec_mask.all()
 
 
 def test_cancel_frees_the_row_and_spares_the_others(engine):

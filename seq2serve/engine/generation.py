@@ -1,20 +1,26 @@
 """Generation over a batch whose rows are at different steps: what continuous batching drives.
 
-A ``DecodeBatch`` holds one row per live sequence. ``add`` encodes new sequences (once: their
-cross-attention keys/values are kept for every later step) and appends them as rows whose
-cached positions so far are masked holes; ``step`` runs one decoder call for every row and
-picks each row's next token; finished and cancelled rows leave before the next step. Rows
-never influence each other: masks hide other rows' padding and holes, so a greedy sequence
-gets the same tokens whatever shares its batch.
+A ``DecodeBatch`` holds one row (a slot) per sequence. ``add`` encodes new sequences (once:
+their cross-attention keys/values are kept for every later step) and places them in free
+slots, or appends slots, whose cached positions so far are masked holes; ``step`` runs one
+decoder call for every slot and picks each live row's next token. Rows never influence each
+other: masks hide other rows' padding and holes, so a greedy sequence gets the same tokens
+whatever shares its batch.
 
-Arrays kept across steps (shapes as in the model: B rows, H heads, S source, P past, D head):
+A finished or cancelled sequence frees its slot without moving anything: removing a row
+copies every cache array (as does appending one), a cost the whole batch would pay each time
+a request comes or goes. The next joiner writes its cross keys/values into the free slot; a
+slot left free for ``REUSE_STEPS`` steps is compacted away. Leading cache columns no row uses
+any more are cut once they are a quarter of the width, so that copy is amortized too.
 
-| array          | shape        | changes                                           |
-|----------------|--------------|---------------------------------------------------|
-| ``cross[j]``   | (B, H, S, D) | when rows join or leave                           |
-| ``enc_mask``   | (B, S)       | when rows join or leave                           |
-| ``past[j]``    | (B, H, P, D) | every step (P + 1), trimmed when leading holes    |
-| ``dec_mask``   | (B, P)       | every step; 0 marks a hole (a row that joined late) |
+Arrays kept across steps (shapes as in the model: B slots, H heads, S source, P past, D head):
+
+| array          | shape        | changes                                              |
+|----------------|--------------|------------------------------------------------------|
+| ``cross[j]``   | (B, H, S, D) | when slots are filled, appended or compacted         |
+| ``enc_mask``   | (B, S)       | likewise                                             |
+| ``past[j]``    | (B, H, P, D) | every step (P + 1); leading unused columns cut       |
+| ``dec_mask``   | (B, P)       | every step; 0 marks a hole (joined late, or free)    |
 """
 
 from __future__ import annotations
@@ -172,6 +178,10 @@ def _pad_to(array: np.ndarray, axis: int, length: int) -> np.ndarray:
     return np.pad(array, widths)
 
 
+# A free slot waits this many steps for a joiner before the batch is compacted.
+REUSE_STEPS = 4
+
+
 class DecodeBatch:
     """The running batch of continuous batching (see the module docstring)."""
 
@@ -180,15 +190,22 @@ class DecodeBatch:
         self.config: ModelConfig = backend.config
         self.tokenizer = tokenizer
         self.special_ids = special_token_ids(tokenizer)
-        self.rows: list[Sequence] = []
+        self.slots: list[Sequence | None] = []  # None: a free slot
+        self._free_since: dict[int, int] = {}  # free slot -> step it was freed at
+        self._steps = 0
         n, h, d = self.config.n_decoder_layers, self.config.n_heads, self.config.head_dim
         self.cross = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
         self.enc_mask = np.zeros((0, 0), np.int64)
         self.past = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
         self.dec_mask = np.zeros((0, 0), np.int64)
 
+    @property
+    def rows(self) -> list[Sequence]:
+        """The live sequences, in slot order."""
+        return [s for s in self.slots if s is not None]
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.slots) - len(self._free_since)
 
     def new_sequence(self, source_ids: list[int], params: SamplingParams) -> Sequence:
         return Sequence(source_ids, params, self.tokenizer, self.special_ids)
@@ -196,7 +213,7 @@ class DecodeBatch:
     # -- membership ------------------------------------------------------------------------
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Encode ``seqs`` in one encoder call and append them as rows."""
+        """Encode ``seqs`` in one encoder call and place them in the batch."""
         if not seqs:
             return
         ids, mask = pad_rows([s.source_ids for s in seqs], self.config.pad_token_id)
@@ -206,77 +223,142 @@ class DecodeBatch:
     def add_encoded(
         self, seqs: list[Sequence], cross: list[np.ndarray], enc_mask: np.ndarray
     ) -> None:
-        """Append rows whose encoder output is already computed (cross K/V per layer)."""
-        s = max(self.enc_mask.shape[1], enc_mask.shape[1])
-        self.cross = [
-            np.concatenate([_pad_to(old, 2, s), _pad_to(new, 2, s)], axis=0)
-            for old, new in zip(self.cross, cross, strict=True)
-        ]
-        self.enc_mask = np.concatenate([_pad_to(self.enc_mask, 1, s), _pad_to(enc_mask, 1, s)])
-        n, p = len(seqs), self.dec_mask.shape[1]
-        self.past = [
-            np.concatenate([old, np.zeros((n, *old.shape[1:]), old.dtype)]) for old in self.past
-        ]
-        self.dec_mask = np.concatenate([self.dec_mask, np.zeros((n, p), np.int64)])
-        self.rows.extend(seqs)
+        """Place rows whose encoder output is already computed (cross K/V per layer): into
+        free slots first, then appended. Their cached positions so far are holes."""
+        if enc_mask.shape[1] > self.enc_mask.shape[1]:  # a longer source: widen every slot
+            s = enc_mask.shape[1]
+            self.cross = [_pad_to(a, 2, s) for a in self.cross]
+            self.enc_mask = _pad_to(self.enc_mask, 1, s)
+        width = self.enc_mask.shape[1]
+        free = sorted(self._free_since)
+        reused = free[: len(seqs)]
+        for k, slot in enumerate(reused):
+            for old, new in zip(self.cross, cross, strict=True):
+                old[slot] = 0.0
+                old[slot, :, : new.shape[2]] = new[k]
+            self.enc_mask[slot] = 0
+            self.enc_mask[slot, : enc_mask.shape[1]] = enc_mask[k]
+            self.dec_mask[slot] = 0
+            self.slots[slot] = seqs[k]
+            del self._free_since[slot]
+        n = len(seqs) - len(reused)
+        if n:
+            # One new allocation per array, each written once (not pad, then concatenate).
+            b = len(self.slots)
+
+            def grown(old: np.ndarray, tail: np.ndarray | None, axis_len: int) -> np.ndarray:
+                out = np.zeros((b + n, *old.shape[1:]), old.dtype)
+                out[:b] = old
+                if tail is not None:
+                    out[b:, :, :axis_len] = tail
+                return out
+
+            self.cross = [
+                grown(old, new[len(reused) :], new.shape[2])
+                for old, new in zip(self.cross, cross, strict=True)
+            ]
+            self.past = [grown(old, None, 0) for old in self.past]
+            mask = np.zeros((b + n, width), np.int64)
+            mask[:b] = self.enc_mask
+            mask[b:, : enc_mask.shape[1]] = enc_mask[len(reused) :]
+            self.enc_mask = mask
+            self.dec_mask = np.concatenate(
+                [self.dec_mask, np.zeros((n, self.dec_mask.shape[1]), np.int64)]
+            )
+            self.slots.extend(seqs[len(reused) :])
 
     def remove(self, seq_ids: set[int]) -> None:
-        """Drop rows (finished or cancelled) and trim columns no remaining row uses."""
-        keep = [i for i, s in enumerate(self.rows) if s.id not in seq_ids]
-        if len(keep) == len(self.rows):
+        """Free the slots of these sequences (finished or cancelled); nothing is copied."""
+        for i, seq in enumerate(self.slots):
+            if seq is not None and seq.id in seq_ids:
+                self.slots[i] = None
+                self.dec_mask[i] = 0  # a free slot holds no cache column in use
+                self._free_since[i] = self._steps
+
+    def compact(self) -> None:
+        """Drop the free slots, and the source columns no remaining row needs."""
+        keep = [i for i, s in enumerate(self.slots) if s is not None]
+        self._free_since.clear()
+        if len(keep) == len(self.slots):
             return
-        self.rows = [self.rows[i] for i in keep]
+        self.slots = [self.slots[i] for i in keep]
         index = np.asarray(keep, dtype=np.int64)
         self.past = [a[index] for a in self.past]
         self.dec_mask = self.dec_mask[index]
         self.cross = [a[index] for a in self.cross]
         self.enc_mask = self.enc_mask[index]
-        # Leading holes every row has (rows that joined late) and trailing source padding
-        # no row needs cost work in every step: cut them.
+        s = int(self.enc_mask.sum(axis=1).max()) if keep else 0
+        if s < self.enc_mask.shape[1]:
+            self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
+            self.enc_mask = np.ascontiguousarray(self.enc_mask[:, :s])
+        self._trim(0)
+
+    def _trim(self, at_least: int) -> None:
+        """Cut leading cache columns no slot uses, when there are more than ``at_least``."""
         used = np.flatnonzero(self.dec_mask.any(axis=0))
         first = int(used[0]) if used.size else self.dec_mask.shape[1]
-        if first:
-            self.past = [a[:, :, first:] for a in self.past]
-            self.dec_mask = self.dec_mask[:, first:]
-        s = int(self.enc_mask.sum(axis=1).max()) if self.rows else 0
-        if s < self.enc_mask.shape[1]:
-            self.cross = [a[:, :, :s] for a in self.cross]
-            self.enc_mask = self.enc_mask[:, :s]
+        if first and first > at_least:
+            self.past = [np.ascontiguousarray(a[:, :, first:]) for a in self.past]
+            self.dec_mask = np.ascontiguousarray(self.dec_mask[:, first:])
+
+    def _tidy(self) -> None:
+        """Before a step: compact when a slot has waited too long for a joiner (or every
+        slot is free), and cut unused leading columns once they are worth a copy."""
+        stale = any(self._steps - t >= REUSE_STEPS for t in self._free_since.values())
+        if self._free_since and (stale or len(self) == 0):
+            self.compact()
+        else:
+            self._trim(self.dec_mask.shape[1] // 4)
 
     # -- one step --------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """One decoder call for every row; returns one event per row. Finished rows leave."""
-        if not self.rows:
+        """One decoder call for every slot; returns one event per live row. Finished rows
+        free their slots."""
+        self._tidy()
+        if not len(self):
             return []
         cfg = self.config
-        b = len(self.rows)
-        last = [s.generated[-1] if s.generated else cfg.decoder_start_token_id for s in self.rows]
+        b = len(self.slots)
+        last = [
+            (s.generated[-1] if s.generated else cfg.decoder_start_token_id)
+            if s is not None
+            else cfg.pad_token_id
+            for s in self.slots
+        ]
         input_ids = np.asarray(last, np.int64)[:, None]
-        position_ids = np.asarray([len(s.generated) for s in self.rows], np.int64)[:, None]
+        positions = [len(s.generated) if s is not None else 0 for s in self.slots]
+        position_ids = np.asarray(positions, np.int64)[:, None]
         dec_mask = np.concatenate([self.dec_mask, np.ones((b, 1), np.int64)], axis=1)
         out = self.backend.decode(
             input_ids, position_ids, dec_mask, self.enc_mask, self.past, self.cross
         )
         self.past, self.dec_mask = out.present, dec_mask
+        self._steps += 1
         logits = out.logits[:, -1]  # (B, V)
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        scored = logits if len(live) == b else logits[live]
         # Only the chosen tokens' log-probabilities are reported: one normalizer per row, not
         # a (B, V) log_softmax every step.
-        normalizer = logsumexp(logits)
-        greedy = np.argmax(logits, axis=-1)
+        normalizer = logsumexp(scored)
+        greedy = np.argmax(scored, axis=-1)
         events, finished = [], set()
-        for i, seq in enumerate(self.rows):
+        for k, i in enumerate(live):
+            seq = self.slots[i]
+            assert seq is not None
             p = seq.params
             plain = not p.sampling and p.repetition_penalty == 1.0
             try:
-                token = int(greedy[i]) if plain else choose(logits[i], seq)
-                events.append(self._advance(seq, token, float(logits[i, token] - normalizer[i])))
+                token = int(greedy[k]) if plain else choose(logits[i], seq)
+                events.append(self._advance(seq, token, float(logits[i, token] - normalizer[k])))
             except Exception as err:  # one sequence's failure must not end its batch-mates'
                 seq.finish_reason = FINISH_ERROR
                 events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))
             if seq.finish_reason is not None:
                 finished.add(seq.id)
         self.remove(finished)
+        if not len(self):  # an idle batch holds no cache
+            self.compact()
         return events
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> TokenEvent:
@@ -300,7 +382,7 @@ class DecodeBatch:
         )
 
     def cancel(self, seq_id: int) -> bool:
-        """Remove a sequence before the next step (a client went away)."""
+        """Free a sequence's slot before the next step (a client went away)."""
         if any(s.id == seq_id for s in self.rows):
             self.remove({seq_id})
             return True
