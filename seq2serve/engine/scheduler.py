@@ -92,13 +92,28 @@ class GenerationStream:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        async for events in self.chunks():
+            for event in events:
+                yield event
+
+    async def chunks(self) -> AsyncIterator[list[TokenEvent]]:
+        """The events in arrival order, each time every event already waiting: a consumer
+        that fell behind the engine catches up in one write instead of one per token."""
         while True:
-            item = await self._queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            events: list[TokenEvent] = []
+            for item in items:
+                if isinstance(item, Exception):
+                    if events:
+                        yield events
+                    raise item
+                events.append(item)
+                if item.finish_reason is not None:
+                    yield events
+                    return
+            yield events
 
     def cancel(self) -> None:
         """Idempotent: the sequence leaves the batch before the next step."""
@@ -110,6 +125,11 @@ class GenerationStream:
         async for _ in self:
             pass
         return self.sequence
+
+
+def _deliver(deliveries: list[tuple[GenerationStream, TokenEvent | Exception]]) -> None:
+    for stream, item in deliveries:
+        stream._queue.put_nowait(item)
 
 
 @dataclass
@@ -359,6 +379,7 @@ class Engine:
         if self.metrics:
             self.metrics.batch_size.labels("generate").observe(rows)
             self.metrics.generated_tokens.inc(len(events))
+        deliveries: list[tuple[GenerationStream, TokenEvent | Exception]] = []
         for event in events:
             stream = self._live[event.seq_id]
             if self.metrics:
@@ -367,12 +388,12 @@ class Engine:
                 else:
                     self.metrics.inter_token_latency.observe(now - stream.last_token_at)
             stream.last_token_at = now
-            if event.error is not None:
-                stream.push(RequestFailed(event.error))
-            else:
-                stream.push(event)
+            deliveries.append((stream, RequestFailed(event.error) if event.error else event))
             if event.finish_reason is not None:
                 del self._live[event.seq_id]
+        # One wake-up of the event loop per step, not one per sequence.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _run_beam(self, stream: GenerationStream) -> None:
         try:

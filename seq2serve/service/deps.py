@@ -1,4 +1,8 @@
-"""FastAPI dependencies and their ``Annotated`` aliases: what a route may ask for."""
+"""FastAPI dependencies and their ``Annotated`` aliases: what a route may ask for.
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in its thread
+pool, a thread hop per dependency per request for what is an attribute read.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from seq2serve.service.settings import Limits, Settings
 from seq2serve.service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
@@ -22,7 +26,7 @@ def get_state(request: Request) -> ServiceState:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_settings(state: StateDep) -> Settings:
+async def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
@@ -38,7 +42,7 @@ def unavailable(state: ServiceState) -> ApiError | None:
     return None
 
 
-def get_engine(state: StateDep) -> Engine:
+async def get_engine(state: StateDep) -> Engine:
     error = unavailable(state)
     if error is not None:
         raise error
@@ -49,7 +53,7 @@ def get_engine(state: StateDep) -> Engine:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-def get_limits(state: StateDep) -> Limits:
+async def get_limits(state: StateDep) -> Limits:
     if state.limits is None:
         raise ApiError(503, "the model is not loaded yet", code="not_ready")
     return state.limits
@@ -60,7 +64,7 @@ LimitsDep = Annotated[Limits, Depends(get_limits)]
 _bearer = HTTPBearer(auto_error=False, description="The server's SEQ2SERVE_API_KEY")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

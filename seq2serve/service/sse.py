@@ -66,8 +66,40 @@ class EventStreamResponse(Response):
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gone = asyncio.create_task(_wait_for_disconnect(receive))
-        pending: asyncio.Task[bytes] | None = None
+        # Three tasks for the whole stream, none per event: one sends the events, one sends
+        # a keep-alive when the stream has been idle, one waits for the client to leave.
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
+
+        async def write(chunk: bytes) -> None:
+            nonlocal last_write
+            last_write = loop.time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def pump() -> None:
+            try:
+                async for chunk in self.events:
+                    await write(chunk)
+            except OSError:
+                raise
+            except Exception:
+                # The event source is meant to turn its own failures into error events;
+                # this is the last line, so the client still gets a well-formed ending.
+                log.exception("event stream failed")
+                await write(
+                    error_event(ApiError(500, "internal server error", code="internal_error"))
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def keepalive() -> None:
+            while True:
+                idle = loop.time() - last_write
+                if idle >= self.keepalive_s:
+                    await write(KEEPALIVE)
+                    idle = 0.0
+                await asyncio.sleep(self.keepalive_s - idle)
+
+        tasks: list[asyncio.Task[None]] = []
         try:
             await send(
                 {
@@ -76,42 +108,24 @@ class EventStreamResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
-            while True:
-                if pending is None:
-                    pending = asyncio.create_task(_next(self.events))
-                done, _ = await asyncio.wait(
-                    {pending, gone}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if gone in done:
-                    return
-                if pending not in done:
-                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-                    continue
-                finished, pending = pending, None
-                try:
-                    chunk = finished.result()
-                except StopAsyncIteration:
-                    break
-                except Exception:
-                    # The event source is meant to turn its own failures into error events;
-                    # this is the last line, so the client still gets a well-formed ending.
-                    log.exception("event stream failed")
-                    error = ApiError(500, "internal server error", code="internal_error")
-                    chunk = error_event(error)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tasks = [
+                asyncio.create_task(pump()),
+                asyncio.create_task(_wait_for_disconnect(receive)),
+                asyncio.create_task(keepalive()),
+            ]
+            await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0].done() and not tasks[0].cancelled():
+                tasks[0].result()  # an OSError: the server could not write
         except OSError:
             # The server could not write: the client is gone (uvicorn's ClientDisconnected).
             return
         finally:
             self.on_close()
-            gone.cancel()
-            if pending is not None:
-                pending.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pending
+                    await task
             with contextlib.suppress(Exception):
                 await self.events.aclose()
 
@@ -121,7 +135,3 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-async def _next(events: AsyncGenerator[bytes, None]) -> bytes:
-    return await anext(events)

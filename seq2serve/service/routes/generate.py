@@ -131,17 +131,22 @@ def _details(stream: GenerationStream, input_length: int) -> dict[str, Any]:
 async def tgi_events(stream: GenerationStream, input_length: int) -> AsyncGenerator[bytes, None]:
     index = 0
     try:
-        async for event in stream:
-            index += 1
-            last = event.finish_reason is not None
-            yield sse.data_event(
-                {
-                    "index": index,
-                    "token": token_json(event),
-                    "generated_text": stream.sequence.text if last else None,
-                    "details": _details(stream, input_length) if last else None,
-                }
-            )
+        async for events in stream.chunks():
+            chunk = []
+            for event in events:
+                index += 1
+                last = event.finish_reason is not None
+                chunk.append(
+                    sse.data_event(
+                        {
+                            "index": index,
+                            "token": token_json(event),
+                            "generated_text": stream.sequence.text if last else None,
+                            "details": _details(stream, input_length) if last else None,
+                        }
+                    )
+                )
+            yield b"".join(chunk)
     except RequestFailed as err:
         yield sse.error_event(
             ApiError(500, f"the model failed on this request: {err}", code="engine_error")

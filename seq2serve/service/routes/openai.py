@@ -102,17 +102,21 @@ async def completion_events(
     stream: GenerationStream, chunk: dict[str, Any], prompt_tokens: int, include_usage: bool
 ) -> AsyncGenerator[bytes, None]:
     try:
-        async for event in stream:
-            last = event.finish_reason is not None
-            if not event.text and not last:
-                continue  # a partial character or held-back text: nothing to show yet
-            choice = {
-                "index": 0,
-                "text": event.text,
-                "finish_reason": finish_reason(event.finish_reason),
-                "logprobs": None,
-            }
-            yield sse.data_event({**chunk, "choices": [choice]})
+        async for events in stream.chunks():
+            out = []
+            for event in events:
+                last = event.finish_reason is not None
+                if not event.text and not last:
+                    continue  # a partial character or held-back text: nothing to show yet
+                choice = {
+                    "index": 0,
+                    "text": event.text,
+                    "finish_reason": finish_reason(event.finish_reason),
+                    "logprobs": None,
+                }
+                out.append(sse.data_event({**chunk, "choices": [choice]}))
+            if out:
+                yield b"".join(out)
         if include_usage:
             n = len(stream.sequence.generated)
             usage = {
