@@ -1,4 +1,5 @@
-"""``seq2serve bench``: decode speed per engine, per-step cost growth, and a server load run.
+"""``seq2serve bench``: decode speed per engine against the memory-bandwidth floor, per-step
+cost growth, and what serving over HTTP costs against the engine in-process.
 
 Everything is measured in one run so that ratios are meaningful on a shared machine where
 absolute numbers drift. Timings are medians over repeats, after a warm-up.
@@ -6,16 +7,28 @@ absolute numbers drift. Timings are medians over repeats, after a warm-up.
 Parts:
 - decode: greedy generation of ``--new-tokens`` tokens (EOS ignored, so every engine does the
   same work) from ``--source-tokens``-token sources, encoder included, at each batch size, for
-  onnx fp32, onnx int8, torch with the KV cache, and torch recomputing the whole prefix;
-- step cost: the cost of decoder step 16 against step 256 for one sequence (the cache keeps
-  a step's cost flat; recomputation would grow it linearly);
-- server: N concurrent streaming clients over loopback for a bounded time, with continuous
-  batching and with batch size 1.
+  onnx fp32 and int8, torch with the KV cache and recomputing the whole prefix, and the peers
+  (``transformers``, CTranslate2 fp32 and int8) on the same weights when installed. Each
+  engine runs in a process of its own (``seq2serve.bench_engines``), which also gives its
+  resident memory;
+- floor: the bytes a batch-1 decode step must read (the decoder's weights, the LM head
+  included, and the KV caches) over the machine's measured read bandwidth;
+- step cost: decoder step 16 against step 256 for one sequence (the cache keeps a step's cost
+  flat; recomputation would grow it linearly);
+- serving, per precision: one streaming client over loopback against the same requests one at
+  a time in-process; N concurrent streaming clients (started evenly over one request's
+  length, so they join the running batch one by one as real traffic does) against the same
+  requests as one in-process batch of N; time to first token against the encoder's time plus
+  two decode steps at batch N; the server's resident memory; then continuous batching
+  against a batch size of 1;
+- goals: the ratios above, each against its bar.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -25,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +47,16 @@ from typing import Any
 
 import numpy as np
 
+from seq2serve import bench_engines, contract
+from seq2serve.bench_engines import sources
+from seq2serve.config import ModelConfig
 from seq2serve.engine.bundle import load_bundle
-from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
+from seq2serve.engine.generation import DecodeBatch, SamplingParams
 from seq2serve.engine.runtime import Backend, OnnxBackend
 
 log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class BenchConfig:
     server_clients: int = 16
     server_seconds: float = 15.0
     server: bool = True
+    decode: bool = True  # the per-engine decode rows (the slow part with every peer)
     uncached: bool = True
     # Hugging Face directory for the transformers / CTranslate2 peer rows (default: the
     # hf_source that `seq2serve import-hf` recorded beside the model, if any).
@@ -77,74 +97,115 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def sources(vocab_size: int, n: int, length: int, eos: int, seed: int = 0) -> list[list[int]]:
-    """Random ids of ordinary tokens (ids below 4 and added tags are special), EOS-terminated."""
-    rng = np.random.default_rng(seed)
-    low = min(64, vocab_size // 2)
-    return [[*rng.integers(low, vocab_size, length - 1).tolist(), eos] for _ in range(n)]
+# ----------------------------------------------------------------------------------------
+# The memory-bandwidth floor
 
 
-def _median_time(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and lazy initialization are not decode speed
-    times = []
-    for _ in range(repeats):
+def read_bandwidth(threads: int, megabytes: int = 512) -> float:
+    """GB/s that ``threads`` threads read from memory: each sums its share of a buffer far
+    larger than any cache (numpy's reduction releases the GIL). Best of five."""
+    data = np.ones(megabytes * (1 << 20) // 4, np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(5):
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
 
 
-def bench_engine(
-    backend: Backend, tokenizer: Any, cfg: BenchConfig, batch_size: int
-) -> dict[str, float]:
-    src = sources(
-        backend.config.vocab_size, batch_size, cfg.source_tokens, backend.config.eos_token_id
+# onnx.TensorProto data types: FLOAT, UINT8, INT8.
+_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1}
+
+
+def step_bytes(model: Path, quantized: bool, cfg: ModelConfig, source: int, past: int) -> int:
+    """Bytes one batch-1 decode step reads: every decoder weight a step multiplies by (the LM
+    head included; a table only gathered from, like the positions, reads a row), the cached
+    self-attention keys/values of ``past`` tokens and the cross-attention ones of ``source``."""
+    import onnx  # an export dependency: imported only when the floor is computed
+
+    graph = onnx.load(
+        str(model / contract.onnx_file(contract.DECODER_FILE, quantized)),
+        load_external_data=False,
+    ).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    weights = sum(
+        int(np.prod(init.dims)) * _ELEMENT_BYTES.get(init.data_type, 4)
+        for init in graph.initializer
+        if init.data_type in _ELEMENT_BYTES and readers.get(init.name, set()) - {"Gather"}
     )
-    params = SamplingParams(max_new_tokens=cfg.new_tokens, ignore_eos=True)
-
-    def once() -> None:
-        batch = DecodeBatch(backend, tokenizer)
-        run_to_completion(batch, [batch.new_sequence(s, params) for s in src])
-
-    seconds = _median_time(once, cfg.repeats)
-    return _figures(seconds, batch_size, cfg.new_tokens)
+    kv = 2 * cfg.n_decoder_layers * cfg.n_heads * cfg.head_dim * (past + source) * 4
+    return weights + kv
 
 
-def _figures(seconds: float, batch_size: int, new_tokens: int) -> dict[str, float]:
-    return {
-        "ms_per_step": round(1000 * seconds / new_tokens, 3),
-        "tokens_per_s": round(batch_size * new_tokens / seconds, 1),
+# ----------------------------------------------------------------------------------------
+# Decode rows, one child process per engine
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def decode_rows(cfg: BenchConfig, progress: Progress) -> dict[str, dict[str, Any]]:
+    """Every available engine's figures per batch size, and its resident memory."""
+    engines = ["onnx fp32"]
+    if (cfg.model / contract.onnx_file(contract.ENCODER_FILE, True)).exists():
+        engines.append("onnx int8")
+    if _installed("torch"):
+        engines += ["torch cached", *(["torch uncached"] if cfg.uncached else [])]
+    else:
+        progress("PyTorch is not installed: torch rows skipped")
+    hf_dir = None
+    if _installed("transformers"):
+        from seq2serve.hf.peers import find_hf_source
+
+        hf_dir = find_hf_source(cfg.model, cfg.hf_model)
+    if hf_dir is None:
+        progress("no Hugging Face model of these weights (or the hf extra): peer rows skipped")
+    options = {
+        "batch_sizes": cfg.batch_sizes,
+        "source_tokens": cfg.source_tokens,
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "threads": cfg.threads,
     }
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="seq2serve-bench-") as tmp:
+        jobs: list[tuple[str, dict[str, Any]]] = [(engine, {}) for engine in engines]
+        if hf_dir is not None:
+            jobs.append(("transformers (cached)", {"hf_model": hf_dir}))
+            if _installed("ctranslate2"):
+                from seq2serve.hf.peers import convert_ctranslate2
 
-
-def bench_uncached(model: Any, cfg: BenchConfig, batch_size: int) -> dict[str, float]:
-    """Greedy decoding that recomputes the whole decoder prefix every step (no cache)."""
-    import torch
-
-    from seq2serve.model.cache import KVCache
-
-    mc = model.cfg
-    src = torch.tensor(sources(mc.vocab_size, batch_size, cfg.source_tokens, mc.eos_token_id))
-    mask = torch.ones_like(src)
-
-    @torch.inference_mode()
-    def once() -> None:
-        cross = model.cross_kv(model.encode(src, mask))
-        tokens = torch.full((batch_size, 1), mc.decoder_start_token_id)
-        for _ in range(cfg.new_tokens):
-            t = tokens.shape[1]
-            logits = model.decode(
-                tokens,
-                torch.arange(t).expand(batch_size, t),
-                torch.ones(batch_size, t, dtype=torch.long),
-                KVCache.empty(mc, batch_size),
-                cross,
-                mask,
-            )
-            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-
-    seconds = _median_time(once, max(1, cfg.repeats // 2))
-    return _figures(seconds, batch_size, cfg.new_tokens)
+                for precision in ("fp32", "int8"):
+                    out = Path(tmp) / f"ct2-{precision}"
+                    progress(f"converting the model for CTranslate2 {precision}")
+                    try:
+                        convert_ctranslate2(hf_dir, out, "int8" if precision == "int8" else None)
+                    except (ValueError, RuntimeError, OSError) as err:
+                        progress(f"CTranslate2 cannot convert this model ({err}): rows skipped")
+                        break
+                    jobs.append((f"ctranslate2 {precision}", {"ct2_model": out}))
+            else:
+                progress("ctranslate2 is not installed: its rows are skipped")
+        for engine, extra in jobs:
+            progress(f"decode: {engine}")
+            cmd = bench_engines.command(engine, cfg.model, **options, **extra)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                progress(f"{engine} failed, its row is skipped: {done.stderr.strip()[-500:]}")
+                continue
+            rows[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
 
 
 def bench_step_growth(backend: Backend, tokenizer: Any, cfg: BenchConfig) -> dict[str, float]:
@@ -231,63 +292,149 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def _load(
-    url: str, texts: list[str], clients: int, seconds: float, new_tokens: int
-) -> dict[str, Any]:
-    import httpx
-    from httpx_sse import aconnect_sse
+class _Connection:
+    """A minimal HTTP/1.1 client for Server-Sent Events over one kept-alive connection.
 
+    The load runs on the machine it measures; httpx spends more CPU per event than the server
+    does, which would take cores from the server being measured. This reads the status line,
+    the headers and the chunked body, and counts events without parsing their JSON.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_stream(
+        self, path: str, body: dict[str, Any], on_event: Callable[[bool], None]
+    ) -> int:
+        """POST ``body``; ``on_event(is_error)`` per SSE event. Returns the status code."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        payload = json.dumps(body).encode()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        headers = head.lower()
+        if b"transfer-encoding: chunked" not in headers:
+            length = 0
+            for line in headers.split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await self.reader.readexactly(length)
+            return status
+        pending = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status
+            pending += data[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data:"):
+                    on_event(False)
+                elif event.startswith(b"event: error"):
+                    on_event(True)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
+class _Timing:
+    """One request's token times: time to first token, inter-token latencies, stamps."""
+
+    def __init__(
+        self,
+        start: float,
+        window: float,
+        ttft: list[float],
+        itl: list[float],
+        stamps: list[float],
+    ) -> None:
+        self.start = self.last = start
+        self.counted = start >= window  # requests started during the ramp-up are not timed
+        self.ttft, self.itl, self.stamps = ttft, itl, stamps
+        self.failed = False
+
+    def event(self, is_error: bool) -> None:
+        now = time.perf_counter()
+        if is_error:
+            self.failed = True
+            return
+        if self.counted:
+            (self.ttft if self.last == self.start else self.itl).append(now - self.last)
+        self.last = now
+        self.stamps.append(now)
+
+
+async def _load(
+    url: str,
+    texts: list[str],
+    clients: int,
+    seconds: float,
+    new_tokens: int,
+    stagger: float = 0.0,
+) -> dict[str, Any]:
+    """``clients`` closed-loop streaming clients; client i starts ``i * stagger`` seconds in.
+    Figures cover the window after the last client started: ``seconds`` long."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     ttft: list[float] = []
     itl: list[float] = []
-    tokens = 0
+    stamps: list[float] = []
     errors = 0
     requests = 0
-    deadline = time.monotonic() + seconds
+    began = time.perf_counter()
+    window = began + (clients - 1) * stagger
+    deadline = window + seconds
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        nonlocal tokens, errors, requests
+    async def client(i: int) -> None:
+        nonlocal errors, requests
+        await asyncio.sleep(i * stagger)
+        connection = _Connection(host, int(port))
         n = 0
-        while time.monotonic() < deadline:
-            body = {
-                "inputs": texts[(i + n) % len(texts)],
-                "parameters": {"max_new_tokens": new_tokens},
-                "stream": True,
-            }
-            n += 1
-            start = last = time.perf_counter()
-            first = True
-            try:
-                async with aconnect_sse(http, "POST", f"{url}/v1/generate", json=body) as source:
-                    if source.response.status_code != 200:
-                        errors += 1
-                        continue
-                    async for event in source.aiter_sse():
-                        if event.event == "error":
-                            errors += 1
-                            break
-                        now = time.perf_counter()
-                        (ttft if first else itl).append(now - (start if first else last))
-                        first, last = False, now
-                        tokens += 1
-                requests += 1
-            except httpx.HTTPError:
-                errors += 1
+        try:
+            while time.perf_counter() < deadline:
+                body = {
+                    "inputs": texts[(i + n) % len(texts)],
+                    "parameters": {"max_new_tokens": new_tokens},
+                    "stream": True,
+                }
+                n += 1
+                request = _Timing(time.perf_counter(), window, ttft, itl, stamps)
+                try:
+                    status = await connection.post_stream("/v1/generate", body, request.event)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    errors += 1
+                    await connection.close()
+                    connection = _Connection(host, int(port))
+                    continue
+                if status != 200 or request.failed:
+                    errors += 1
+                else:
+                    requests += 1
+        finally:
+            await connection.close()
 
-    async with httpx.AsyncClient(
-        timeout=60, limits=httpx.Limits(max_connections=clients + 4)
-    ) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
-        elapsed = time.perf_counter() - started
+    await asyncio.gather(*(client(i) for i in range(clients)))
 
     def pct(values: list[float], q: float) -> float:
         return round(1000 * float(np.percentile(values, q)), 2) if values else float("nan")
 
+    tokens = sum(window <= t <= deadline for t in stamps)
     return {
         "clients": clients,
-        "seconds": round(elapsed, 1),
+        "seconds": round(seconds, 1),
         "requests": requests,
-        "tokens_per_s": round(tokens / elapsed, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
         "ttft_ms_p50": pct(ttft, 50),
         "ttft_ms_p95": pct(ttft, 95),
         "itl_ms_p50": pct(itl, 50),
@@ -296,146 +443,347 @@ async def _load(
     }
 
 
-def bench_server(cfg: BenchConfig, max_batch_size: int) -> dict[str, Any]:
-    texts = [
-        ">>fr<< 2021-03-04",
-        ">>de<< 1234",
-        ">>ru<< 1999-12-31",
-        ">>ja<< 8031",
-        ">>en<< 2024-07-01",
-    ]
-    env = {"SEQ2SERVE_MAX_BATCH_SIZE": str(max_batch_size), "SEQ2SERVE_MAX_QUEUE": "4096"}
+class ResidentMemory:
+    """Samples a process's resident memory (VmRSS) from /proc every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.path = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                for line in self.path.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.samples.append(int(line.split()[1]) / 1024)
+            except OSError:
+                return
+
+    def __enter__(self) -> ResidentMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {
+            "rss_mb_median": round(statistics.median(self.samples), 1),
+            "rss_mb_max": round(max(self.samples), 1),
+        }
+
+
+def serving_texts(tokenizer: Any, cfg: ModelConfig, n: int, length: int) -> list[str]:
+    """``n`` request texts of about ``length`` tokens: random ordinary tokens, as text."""
+    rows = sources(cfg.vocab_size, n, length, cfg.eos_token_id, seed=1)
+    return [tokenizer.decode(r[:-1], skip_special_tokens=True) for r in rows]
+
+
+def in_process(
+    backend: Backend, tokenizer: Any, texts: list[str], clients: int, new_tokens: int
+) -> dict[str, float]:
+    """The engine alone on the serving requests: one at a time, and ``clients`` as one batch
+    (each with its encoder call; EOS ends a request as it does over HTTP)."""
+    params = SamplingParams(max_new_tokens=new_tokens)
+    ids = [tokenizer.encode(t).ids for t in texts]
+
+    def generate(rows: list[list[int]]) -> tuple[int, float, list[float]]:
+        batch = DecodeBatch(backend, tokenizer)
+        seqs = [batch.new_sequence(r, params) for r in rows]
+        start = time.perf_counter()
+        batch.add(seqs)
+        steps = []
+        while len(batch):
+            t = time.perf_counter()
+            batch.step()
+            steps.append(time.perf_counter() - t)
+        return sum(len(s.generated) for s in seqs), time.perf_counter() - start, steps
+
+    generate(ids[:1])  # warm-up
+    tokens = seconds = 0.0
+    for r in ids[: max(4, min(len(ids), 8))]:
+        n, t, _ = generate([r])
+        tokens, seconds = tokens + n, seconds + t
+    alone = tokens / seconds
+    group = [ids[i % len(ids)] for i in range(clients)]
+    runs = [generate(group) for _ in range(3)]
+    n, t, steps = sorted(runs, key=lambda r: r[1])[1]
+    encoder = []
+    one = np.asarray([ids[0]], np.int64)
+    for _ in range(20):
+        start = time.perf_counter()
+        backend.encode(one, np.ones_like(one))
+        encoder.append(time.perf_counter() - start)
+    return {
+        "alone_tokens_per_s": round(alone, 1),
+        "batch_tokens_per_s": round(n / t, 1),
+        "batch_step_ms": round(1000 * statistics.median(steps), 3),
+        "encoder_ms": round(1000 * statistics.median(encoder), 3),
+    }
+
+
+def bench_serving(
+    cfg: BenchConfig, quantized: bool, progress: Progress, compare_batch_1: bool
+) -> dict[str, Any]:
+    name = "int8" if quantized else "fp32"
+    bundle = load_bundle(cfg.model, quantized=quantized, threads=cfg.threads)
+    clients = cfg.server_clients
+    texts = serving_texts(bundle.tokenizer, bundle.config, clients, cfg.source_tokens)
+    progress(f"serving {name}: the engine in-process")
+    engine = in_process(OnnxBackend(bundle), bundle.tokenizer, texts, clients, cfg.new_tokens)
+    del bundle
+    gc.collect()
+    env = {
+        "SEQ2SERVE_MAX_BATCH_SIZE": str(max(32, clients)),
+        "SEQ2SERVE_MAX_QUEUE": "4096",
+        "SEQ2SERVE_QUANTIZED": "true" if quantized else "false",
+    }
     if cfg.threads:
         env["SEQ2SERVE_NUM_THREADS"] = str(cfg.threads)
+    # Clients start evenly over one request's length, so they reach the batch one by one.
+    stagger = cfg.new_tokens * engine["batch_step_ms"] / 1000 / clients
     proc, url = start_server(cfg.model, env)
     try:
-        return asyncio.run(_load(url, texts, cfg.server_clients, cfg.server_seconds, 32))
+        progress(f"serving {name}: 1 streaming client")
+        single = asyncio.run(_load(url, texts, 1, cfg.server_seconds / 2, cfg.new_tokens))
+        progress(f"serving {name}: {clients} streaming clients")
+        with ResidentMemory(proc.pid) as memory:
+            many = asyncio.run(
+                _load(url, texts, clients, cfg.server_seconds, cfg.new_tokens, stagger)
+            )
+        many.update(memory.figures())
     finally:
         stop_server(proc)
+    result: dict[str, Any] = {"in_process": engine, "http_1": single, "http_n": many}
+    result["ttft_bound_ms"] = round(engine["encoder_ms"] + 2 * engine["batch_step_ms"], 2)
+    if compare_batch_1:
+        progress(f"serving {name}: {clients} streaming clients, batch size 1")
+        proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": "1"})
+        try:
+            result["http_n_batch_1"] = asyncio.run(
+                _load(url, texts, clients, cfg.server_seconds, cfg.new_tokens, stagger)
+            )
+        finally:
+            stop_server(proc)
+    return result
 
 
 # ----------------------------------------------------------------------------------------
-# The suite
+# Goals and the suite
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+def _goal(name: str, value: float, bar: float, at_most: bool) -> dict[str, Any]:
+    ok = value <= bar if at_most else value >= bar
+    return {"goal": name, "value": round(value, 3), "bar": bar, "at_most": at_most, "met": ok}
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ratio the benchmark exists to watch, against its bar."""
+    out = []
+    decode = results["decode"]
+
+    def row(engine: str, batch: str) -> dict[str, float] | None:
+        rows: dict[str, dict[str, float]] = decode.get(engine, {}).get("rows", {})
+        return rows.get(batch)
+
+    one = "1"
+    most = str(max(int(b) for e in decode.values() for b in e["rows"]) if decode else 1)
+    for ours, peer, bar in (
+        ("onnx fp32", "ctranslate2 fp32", 0.9),
+        ("onnx int8", "ctranslate2 int8", 0.6),
+    ):
+        a, b = row(ours, one), row(peer, one)
+        if a and b:
+            out.append(
+                _goal(
+                    f"{ours} / {peer} ms per step, batch 1",
+                    a["ms_per_step"] / b["ms_per_step"],
+                    bar,
+                    True,
+                )
+            )
+    a, b = row("onnx int8", most), row("ctranslate2 int8", most)
+    if a and b and most != one:
+        out.append(
+            _goal(
+                f"onnx int8 / ctranslate2 int8 tokens/s, batch {most}",
+                a["tokens_per_s"] / b["tokens_per_s"],
+                1.2,
+                False,
+            )
+        )
+    for name, growth in results["step_growth"].items():
+        out.append(
+            _goal(f"{name}: step {growth['step']} / step 16 cost", growth["ratio"], 1.3, True)
+        )
+    for name, s in results.get("serving", {}).items():
+        engine, n = s["in_process"], s["http_n"]["clients"]
+        out.append(
+            _goal(
+                f"serving {name}: 1 HTTP stream / in-process tokens/s",
+                s["http_1"]["tokens_per_s"] / engine["alone_tokens_per_s"],
+                0.9,
+                False,
+            )
+        )
+        out.append(
+            _goal(
+                f"serving {name}: {n} HTTP streams / in-process batch {n} tokens/s",
+                s["http_n"]["tokens_per_s"] / engine["batch_tokens_per_s"],
+                0.9,
+                False,
+            )
+        )
+        out.append(
+            _goal(
+                f"serving {name}: p95 TTFT / (encoder + 2 steps at batch {n})",
+                s["http_n"]["ttft_ms_p95"] / s["ttft_bound_ms"],
+                1.0,
+                True,
+            )
+        )
+        peer = decode.get(f"ctranslate2 {name}", {}).get("rss_mb")
+        if peer and "rss_mb_max" in s["http_n"]:
+            out.append(
+                _goal(
+                    f"serving {name}: server resident memory / CTranslate2 {name}'s",
+                    s["http_n"]["rss_mb_max"] / peer,
+                    1.0,
+                    True,
+                )
+            )
+    return out
+
+
+def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
     }
+    results["decode"] = decode_rows(cfg, progress) if cfg.decode else {}
+    progress("floor: bytes per step and the machine's read bandwidth")
     bundle = load_bundle(cfg.model, threads=cfg.threads)
-    tokenizer = bundle.tokenizer
-    engines: dict[str, Callable[[], Backend]] = {"onnx fp32": lambda: OnnxBackend(bundle)}
-    if (cfg.model / "encoder.int8.onnx").exists():
-        engines["onnx int8"] = lambda: OnnxBackend(
-            load_bundle(cfg.model, quantized=True, threads=cfg.threads)
+    threads = cfg.threads or os.cpu_count() or 1
+    floor: dict[str, Any] = {
+        "bandwidth_gb_s": round(read_bandwidth(threads), 1),
+        "threads": threads,
+    }
+    past = cfg.new_tokens // 2  # the middle of a generation
+    int8 = (cfg.model / contract.onnx_file(contract.ENCODER_FILE, True)).exists()
+    precisions = [False, *([True] if int8 else [])]
+    for quantized in precisions:
+        name = "int8" if quantized else "fp32"
+        n = step_bytes(cfg.model, quantized, bundle.config, cfg.source_tokens, past)
+        floor[name] = {"bytes_per_step": n, "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3)}
+    results["floor"] = floor
+    results["step_growth"] = {}
+    for quantized in precisions:
+        name = "onnx int8" if quantized else "onnx fp32"
+        progress(f"step cost: step 16 vs step {cfg.long_steps} ({name})")
+        b = (
+            load_bundle(cfg.model, quantized=quantized, threads=cfg.threads)
+            if quantized
+            else bundle
         )
-    model = None
-    try:
-        import torch
-
-        from seq2serve.model.backend import TorchBackend
-        from seq2serve.model.checkpoint import load_model
-
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        model, _ = load_model(cfg.model)
-        engines["torch cached"] = lambda: TorchBackend(model)
-    except ImportError:
-        progress("PyTorch is not installed: torch rows skipped")
-
-    decode: dict[str, dict[str, dict[str, float]]] = {}
-    for name, make in engines.items():
-        backend = make()
-        decode[name] = {}
-        for b in cfg.batch_sizes:
-            progress(f"decode: {name}, batch {b}")
-            decode[name][str(b)] = bench_engine(backend, tokenizer, cfg, b)
-    if model is not None and cfg.uncached:
-        decode["torch uncached"] = {}
-        for b in cfg.batch_sizes:
-            progress(f"decode: torch uncached, batch {b}")
-            decode["torch uncached"][str(b)] = bench_uncached(model, cfg, b)
-    hf_dir = None
-    try:
-        from seq2serve.hf.peers import find_hf_source, peer_rows
-
-        hf_dir = find_hf_source(cfg.model, cfg.hf_model)
-    except ImportError:
-        progress("the hf extra is not installed: peer rows skipped")
-    if hf_dir is not None:
-        mc = bundle.config
-        src = {
-            b: sources(mc.vocab_size, b, cfg.source_tokens, mc.eos_token_id)
-            for b in cfg.batch_sizes
-        }
-        decode.update(
-            peer_rows(
-                hf_dir,
-                tokenizer,
-                src,
-                cfg.new_tokens,
-                cfg.repeats,
-                cfg.threads,
-                _median_time,
-                _figures,
-                progress,
-            )
-        )
-    results["decode"] = decode
-    progress("step cost: step 16 vs step 256 (onnx fp32)")
-    results["step_growth"] = bench_step_growth(OnnxBackend(bundle), tokenizer, cfg)
+        results["step_growth"][name] = bench_step_growth(OnnxBackend(b), b.tokenizer, cfg)
+    del bundle
+    gc.collect()
     if cfg.server:
-        progress(f"server: {cfg.server_clients} streaming clients, continuous batching")
-        batched = bench_server(cfg, max_batch_size=max(32, cfg.server_clients))
-        progress(f"server: {cfg.server_clients} streaming clients, batch size 1")
-        single = bench_server(cfg, max_batch_size=1)
-        results["server"] = {
-            "continuous_batching": batched,
-            "batch_size_1": single,
-            "throughput_ratio": round(
-                batched["tokens_per_s"] / max(single["tokens_per_s"], 1e-9), 2
-            ),
-        }
+        results["serving"] = {}
+        for quantized in precisions:
+            name = "int8" if quantized else "fp32"
+            results["serving"][name] = bench_serving(
+                cfg, quantized, progress, compare_batch_1=not quantized
+            )
+    results["goals"] = goals(results)
     return results
 
 
+def _precision(engine: str) -> str:
+    return "int8" if engine.endswith("int8") else "fp32"
+
+
 def table(results: dict[str, Any]) -> str:
-    lines = []
-    batch_sizes = list(next(iter(results["decode"].values())).keys())
-    header = (
+    decode, floor = results["decode"], results["floor"]
+    batch_sizes = [str(b) for b in results["config"]["batch_sizes"]]
+    lines = [
+        "Decode: greedy, EOS ignored, encoder included; each engine in its own process "
+        f"({results['config']['source_tokens']}-token sources, "
+        f"{results['config']['new_tokens']} new tokens)",
+        "",
         "| engine | "
         + " | ".join(f"batch {b}: ms/step | batch {b}: tokens/s" for b in batch_sizes)
-        + " |"
-    )
-    lines += [header, "|" + "---|" * (1 + 2 * len(batch_sizes))]
-    for name, rows in results["decode"].items():
+        + " | resident MB | batch 1: floor / measured |",
+        "|" + "---|" * (3 + 2 * len(batch_sizes)),
+    ]
+    for name, engine in decode.items():
         cells = []
         for b in batch_sizes:
-            cells += [f"{rows[b]['ms_per_step']:.2f}", f"{rows[b]['tokens_per_s']:.0f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    g = results["step_growth"]
-    late = g[f"ms_at_step_{g['step']}"]
+            r = engine["rows"][b]
+            cells += [f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}"]
+        rss = f"{engine['rss_mb']:.0f}" if "rss_mb" in engine else "-"
+        share = "-"
+        f = floor.get(_precision(name))
+        if f and "1" in engine["rows"]:
+            share = f"{100 * f['floor_ms'] / engine['rows']['1']['ms_per_step']:.0f} %"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rss} | {share} |")
     lines.append("")
+    parts = [
+        f"{p} {floor[p]['bytes_per_step'] / 1e6:.1f} MB -> floor {floor[p]['floor_ms']:.2f} ms"
+        for p in ("fp32", "int8")
+        if p in floor
+    ]
     lines.append(
-        f"Step cost (onnx fp32, batch 1): step 16 {g['ms_at_step_16']:.2f} ms, "
-        f"step {g['step']} {late:.2f} ms, ratio {g['ratio']:.2f}"
+        f"Bytes read per batch-1 step: {'; '.join(parts)} at the measured read bandwidth of "
+        f"{floor['bandwidth_gb_s']:.1f} GB/s ({floor['threads']} threads)"
     )
-    if "server" in results:
+    for name, g in results["step_growth"].items():
+        late = g[f"ms_at_step_{g['step']}"]
+        lines.append(
+            f"Step cost ({name}, batch 1): step 16 {g['ms_at_step_16']:.2f} ms, "
+            f"step {g['step']} {late:.2f} ms, ratio {g['ratio']:.2f}"
+        )
+    serving = results.get("serving", {})
+    if serving:
+        n = next(iter(serving.values()))["http_n"]["clients"]
         lines += [
             "",
-            "| server load | clients | tokens/s | TTFT p50 / p95 ms | ITL p50 / p95 ms | errors |",
-            "|---|---|---|---|---|---|",
+            f"| serving | in-process 1 | HTTP 1 stream | in-process batch {n} | HTTP {n} streams "
+            "| TTFT p50 / p95 ms | encoder + 2 steps ms | ITL p50 / p95 ms | server MB | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for name in ("continuous_batching", "batch_size_1"):
-            s = results["server"][name]
+        for name, s in serving.items():
+            e, h1, hn = s["in_process"], s["http_1"], s["http_n"]
             lines.append(
-                f"| {name.replace('_', ' ')} | {s['clients']} | {s['tokens_per_s']:.0f} | "
-                f"{s['ttft_ms_p50']:.1f} / {s['ttft_ms_p95']:.1f} | "
-                f"{s['itl_ms_p50']:.1f} / {s['itl_ms_p95']:.1f} | {s['errors']} |"
+                f"| {name} | {e['alone_tokens_per_s']:.0f} tok/s | {h1['tokens_per_s']:.0f} tok/s "
+                f"| {e['batch_tokens_per_s']:.0f} tok/s | {hn['tokens_per_s']:.0f} tok/s "
+                f"| {hn['ttft_ms_p50']:.1f} / {hn['ttft_ms_p95']:.1f} | {s['ttft_bound_ms']:.1f} "
+                f"| {hn['itl_ms_p50']:.1f} / {hn['itl_ms_p95']:.1f} "
+                f"| {hn.get('rss_mb_max', float('nan')):.0f} | {h1['errors'] + hn['errors']} |"
             )
-        ratio = results["server"]["throughput_ratio"]
-        lines.append(f"\nContinuous batching / batch size 1 throughput: {ratio:.2f}x")
+        for name, s in serving.items():
+            if "http_n_batch_1" in s:
+                b1 = s["http_n_batch_1"]
+                ratio = s["http_n"]["tokens_per_s"] / max(b1["tokens_per_s"], 1e-9)
+                lines.append(
+                    f"\nContinuous batching vs batch size 1 ({name}, {n} streams): "
+                    f"{s['http_n']['tokens_per_s']:.0f} vs {b1['tokens_per_s']:.0f} tokens/s "
+                    f"({ratio:.2f}x), TTFT p50 {s['http_n']['ttft_ms_p50']:.1f} vs "
+                    f"{b1['ttft_ms_p50']:.1f} ms, errors {b1['errors']}"
+                )
+    if results.get("goals"):
+        lines += ["", "| goal | measured | bar | met |", "|---|---|---|---|"]
+        for g in results["goals"]:
+            bar = f"{'<=' if g['at_most'] else '>='} {g['bar']}"
+            lines.append(
+                f"| {g['goal']} | {g['value']:.2f} | {bar} | {'yes' if g['met'] else 'no'} |"
+            )
     m = results["machine"]
     cpu = m.get("cpu", "unknown CPU")
     lines.append(f"\nMachine: {cpu}, {m['cpus']} cores, onnxruntime {m['onnxruntime']}")

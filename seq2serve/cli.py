@@ -115,6 +115,7 @@ def _bench(args: argparse.Namespace) -> int:
         server_clients=args.clients,
         server_seconds=args.seconds,
         server=not args.no_server,
+        decode=not args.no_decode,
         hf_model=args.hf_model,
     )
     results = main(cfg, args.json)
@@ -201,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
-    p.add_argument("--no-server", action="store_true", help="skip the server load run")
+    p.add_argument("--no-server", action="store_true", help="skip the serving runs")
+    p.add_argument("--no-decode", action="store_true", help="skip the per-engine decode rows")
     p.add_argument(
         "--hf-model",
         type=Path,

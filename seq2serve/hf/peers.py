@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,10 @@ def transformers_rows(
     repeats: int,
     timer: Timer,
     figures: Callable[[float, int, int], Figures],
-) -> dict[str, Figures]:
-    """``generate`` with the KV cache (transformers' default), greedy, per batch size."""
+    memory: Callable[[], dict[str, float]],
+) -> dict[str, Any]:
+    """``generate`` with the KV cache (transformers' default), greedy, per batch size; then
+    ``memory()`` while the model is loaded."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
@@ -68,11 +69,21 @@ def transformers_rows(
             )
 
         rows[str(b)] = figures(timer(once, repeats), b, new_tokens)
-    return rows
+    return {"rows": rows, **memory()}
+
+
+def convert_ctranslate2(hf_dir: Path, out: Path, quantization: str | None) -> Path:
+    """CTranslate2's converter on the Hugging Face model; ``quantization`` "int8" stores int8
+    weights (as ``ct2-transformers-converter --quantization int8`` does)."""
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(str(hf_dir))
+    converter.convert(str(out), quantization=quantization, force=True)
+    return out
 
 
 def ctranslate2_rows(
-    hf_dir: Path,
+    ct2_dir: Path,
     tokenizer: Any,
     src: dict[int, list[list[int]]],
     new_tokens: int,
@@ -80,67 +91,28 @@ def ctranslate2_rows(
     threads: int | None,
     timer: Timer,
     figures: Callable[[float, int, int], Figures],
-) -> dict[str, Figures]:
-    """CTranslate2's ``Translator`` (fp32, CPU) on the converted model, greedy, per batch size."""
+    memory: Callable[[], dict[str, float]],
+) -> dict[str, Any]:
+    """CTranslate2's ``Translator`` (CPU) on a converted model, greedy, per batch size; then
+    ``memory()`` while the model is loaded."""
     import ctranslate2
 
-    with tempfile.TemporaryDirectory(prefix="seq2serve-ct2-") as tmp:
-        out = Path(tmp) / "model"
-        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out), force=True)
-        translator = ctranslate2.Translator(
-            str(out), device="cpu", inter_threads=1, intra_threads=threads or 0
-        )
-        rows = {}
-        for b, sources in src.items():
-            # CTranslate2 takes token strings; the ids come from the same vocabulary.
-            tokens = [[tokenizer.id_to_token(i) for i in row] for row in sources]
+    translator = ctranslate2.Translator(
+        str(ct2_dir), device="cpu", inter_threads=1, intra_threads=threads or 0
+    )
+    rows = {}
+    for b, sources in src.items():
+        # CTranslate2 takes token strings; the ids come from the same vocabulary.
+        tokens = [[tokenizer.id_to_token(i) for i in row] for row in sources]
 
-            def once(tokens: list[list[str]] = tokens) -> None:
-                translator.translate_batch(
-                    tokens,
-                    beam_size=1,
-                    max_decoding_length=new_tokens,
-                    min_decoding_length=new_tokens,
-                    max_batch_size=len(tokens),
-                )
-
-            rows[str(b)] = figures(timer(once, repeats), b, new_tokens)
-    return rows
-
-
-def peer_rows(
-    hf_dir: Path,
-    tokenizer: Any,
-    src: dict[int, list[list[int]]],
-    new_tokens: int,
-    repeats: int,
-    threads: int | None,
-    timer: Timer,
-    figures: Callable[[float, int, int], Figures],
-    progress: Callable[[str], None],
-) -> dict[str, dict[str, Figures]]:
-    """The peer engines that are installed, keyed like the bench's decode table."""
-    rows: dict[str, dict[str, Figures]] = {}
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        progress("transformers is not installed: its peer row is skipped")
-    else:
-        progress(f"decode: transformers generate (cached) from {hf_dir}")
-        rows["transformers (cached)"] = transformers_rows(
-            hf_dir, src, new_tokens, repeats, timer, figures
-        )
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        progress("ctranslate2 is not installed: its peer row is skipped")
-    else:
-        progress(f"decode: CTranslate2 from {hf_dir}")
-        try:
-            rows["ctranslate2 fp32"] = ctranslate2_rows(
-                hf_dir, tokenizer, src, new_tokens, repeats, threads, timer, figures
+        def once(tokens: list[list[str]] = tokens) -> None:
+            translator.translate_batch(
+                tokens,
+                beam_size=1,
+                max_decoding_length=new_tokens,
+                min_decoding_length=new_tokens,
+                max_batch_size=len(tokens),
             )
-        except (ValueError, RuntimeError, OSError) as err:
-            # A converter that cannot read this checkpoint ends its row, not the benchmark.
-            progress(f"CTranslate2 could not run this model ({err}): its row is skipped")
-    return rows
+
+        rows[str(b)] = figures(timer(once, repeats), b, new_tokens)
+    return {"rows": rows, **memory()}

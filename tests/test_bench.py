@@ -1,0 +1,80 @@
+"""The benchmark's own instruments: the bytes a step reads, the per-engine child process and
+the load client. (Speed itself is measured by `seq2serve bench`, never asserted here.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from seq2serve import bench, bench_engines, contract
+from seq2serve.config import ModelConfig
+
+
+def _decoder_weight_bytes(bundle, quantized: bool) -> int:
+    graph = onnx.load(
+        str(bundle / contract.onnx_file(contract.DECODER_FILE, quantized)), load_external_data=True
+    ).graph
+    return sum(numpy_helper.to_array(i).nbytes for i in graph.initializer)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_step_bytes_count_the_weights_a_step_reads_and_the_caches(tiny_bundle, quantized):
+    cfg = ModelConfig.load(tiny_bundle / contract.CONFIG_FILE)
+    weights = _decoder_weight_bytes(tiny_bundle, quantized)
+    empty = bench.step_bytes(tiny_bundle, quantized, cfg, source=0, past=0)
+    # Every weight but the tables only gathered from (positions; the scales of int8 rows).
+    positions = cfg.max_target_positions * cfg.d_model * 4
+    assert weights - positions - cfg.vocab_size * 4 <= empty <= weights
+    grown = bench.step_bytes(tiny_bundle, quantized, cfg, source=7, past=9)
+    kv = 2 * cfg.n_decoder_layers * cfg.n_heads * cfg.head_dim * (7 + 9) * 4
+    assert grown - empty == kv
+
+
+def test_int8_steps_read_under_half_of_fp32s(tiny_bundle):
+    cfg = ModelConfig.load(tiny_bundle / contract.CONFIG_FILE)
+    fp32 = bench.step_bytes(tiny_bundle, False, cfg, source=0, past=0)
+    int8 = bench.step_bytes(tiny_bundle, True, cfg, source=0, past=0)
+    assert int8 < fp32 / 2, (int8, fp32)  # biases and norms stay fp32: tiny model
+
+
+def test_an_engine_row_runs_in_its_own_process(tiny_bundle):
+    cmd = bench_engines.command(
+        "onnx int8", tiny_bundle, batch_sizes=(1, 2), new_tokens=4, repeats=1, threads=None
+    )
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["rows"]) == {"1", "2"}
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"].values())
+    # Taken while the model is loaded: more than the interpreter alone.
+    assert result["rss_mb"] > 30 and result["peak_rss_mb"] >= result["rss_mb"]
+
+
+def test_the_load_client_counts_every_streamed_token(server, client):
+    texts = [">>fr<< 2021-03-04", ">>de<< 1234"]
+    result = asyncio.run(bench._load(server.base_url, texts, clients=2, seconds=1.0, new_tokens=8))
+    assert result["errors"] == 0 and result["requests"] >= 2
+    # The same requests through httpx: the client saw as many events as tokens generated.
+    for text in texts:
+        body = {"inputs": text, "parameters": {"max_new_tokens": 8, "details": True}}
+        tokens = client.post("/v1/generate", json=body).json()["details"]["generated_tokens"]
+        seen: list[bool] = []
+
+        async def one(text: str = text, seen: list[bool] = seen) -> None:
+            host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+            connection = bench._Connection(host, int(port))
+            body = {"inputs": text, "parameters": {"max_new_tokens": 8}, "stream": True}
+            assert await connection.post_stream("/v1/generate", body, seen.append) == 200
+            await connection.close()
+
+        asyncio.run(one())
+        assert seen == [False] * tokens
+
+
+def test_the_load_client_reports_refusals_as_errors(server):
+    result = asyncio.run(bench._load(server.base_url, [""], clients=1, seconds=0.3, new_tokens=8))
+    assert result["errors"] >= 1 and result["requests"] == 0
