@@ -118,7 +118,9 @@ def test_freed_slots_are_reused_in_place_and_rows_stay_equal_to_alone(engine):
 def test_a_slot_left_free_is_compacted_away(engine):
     backend, tok = engine
     batch = DecodeBatch(backend, tok)
-    short = batch.new_sequence(source_ids(tok, SOURCES[0]), SamplingParams(max_new_tokens=1))
+    short = batch.new_sequence(
+        source_ids(tok, SOURCES[0]), SamplingParams(max_new_tokens=2, ignore_eos=True)
+    )
     long = batch.new_sequence(
         source_ids(tok, SOURCES[1]), SamplingParams(max_new_tokens=20, ignore_eos=True)
     )
@@ -196,8 +198,7 @@ def test_stop_string_cuts_the_text(engine):
     seq = batch.new_sequence(
         source_ids(tok, source), SamplingParams(max_new_tokens=20, stop=(stop,))
     )
-    batch.add([seq])
-    pieces = []
+    pieces = [e.text for e in batch.add([seq])]  # the first token comes with joining
     while len(batch):
         pieces += [e.text for e in batch.step()]
     assert seq.finish_reason == FINISH_STOP
@@ -210,15 +211,16 @@ def test_streamed_pieces_equal_the_final_text(engine):
     seqs = [
         batch.new_sequence(source_ids(tok, s), SamplingParams(max_new_tokens=24)) for s in SOURCES
     ]
-    batch.add(seqs)
     pieces: dict[int, list[str]] = {s.id: [] for s in seqs}
     finished = {}
-    while len(batch):
-        for event in batch.step():
+    events = batch.add(seqs)  # the first tokens come with joining
+    while events:
+        for event in events:
             pieces[event.seq_id].append(event.text)
             assert np.isfinite(event.logprob) and event.logprob <= 0
             if event.finish_reason:
                 finished[event.seq_id] = event.finish_reason
+        events = batch.step()
     for s in seqs:
         assert "".join(pieces[s.id]) == s.text == tok.decode(s.generated, skip_special_tokens=True)
         assert finished[s.id] == s.finish_reason

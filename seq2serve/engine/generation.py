@@ -212,19 +212,61 @@ class DecodeBatch:
 
     # -- membership ------------------------------------------------------------------------
 
-    def add(self, seqs: list[Sequence]) -> None:
-        """Encode ``seqs`` in one encoder call and place them in the batch."""
+    def add(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Encode ``seqs`` in one encoder call, give each its first token and place them in
+        the batch (see ``prefill``). Returns the first tokens' events."""
         if not seqs:
-            return
+            return []
         ids, mask = pad_rows([s.source_ids for s in seqs], self.config.pad_token_id)
         encoded = self.backend.encode(ids, mask)
-        self.add_encoded(seqs, encoded.cross, mask)
+        return self.prefill(seqs, encoded.cross, mask)
+
+    def prefill(
+        self, seqs: list[Sequence], cross: list[np.ndarray], enc_mask: np.ndarray
+    ) -> list[TokenEvent]:
+        """The first token of each joiner, from a decoder call over the joiners alone, then
+        the joiners join with that token's cache column.
+
+        A joiner's first token then costs its encoder call and one step of a batch of
+        joiners, not a step of the whole running batch (TGI splits prefill from decode for
+        the same reason: time to first token)."""
+        cfg = self.config
+        n = len(seqs)
+        empty = np.zeros((n, cfg.n_heads, 0, cfg.head_dim), np.float32)
+        out = self.backend.decode(
+            np.full((n, 1), cfg.decoder_start_token_id, np.int64),
+            np.zeros((n, 1), np.int64),
+            np.ones((n, 1), np.int64),
+            enc_mask,
+            [empty] * (2 * cfg.n_decoder_layers),
+            cross,
+        )
+        events = self._choose_next(seqs, out.logits[:, -1])
+        keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if keep:
+            index = np.asarray(keep, np.int64)
+            self.add_encoded(
+                [seqs[i] for i in keep],
+                [c[index] for c in cross],
+                enc_mask[index],
+                first=[p[index] for p in out.present],
+            )
+        return events
 
     def add_encoded(
-        self, seqs: list[Sequence], cross: list[np.ndarray], enc_mask: np.ndarray
+        self,
+        seqs: list[Sequence],
+        cross: list[np.ndarray],
+        enc_mask: np.ndarray,
+        first: list[np.ndarray] | None = None,
     ) -> None:
         """Place rows whose encoder output is already computed (cross K/V per layer): into
-        free slots first, then appended. Their cached positions so far are holes."""
+        free slots first, then appended. Their cached positions so far are holes, except,
+        with ``first`` (per layer (N, H, 1, D): the cache of a first token), the last
+        column, which holds it."""
+        if first is not None and self.dec_mask.shape[1] == 0:  # room for the first column
+            self.past = [_pad_to(a, 2, 1) for a in self.past]
+            self.dec_mask = _pad_to(self.dec_mask, 1, 1)
         if enc_mask.shape[1] > self.enc_mask.shape[1]:  # a longer source: widen every slot
             s = enc_mask.shape[1]
             self.cross = [_pad_to(a, 2, s) for a in self.cross]
@@ -239,6 +281,10 @@ class DecodeBatch:
             self.enc_mask[slot] = 0
             self.enc_mask[slot, : enc_mask.shape[1]] = enc_mask[k]
             self.dec_mask[slot] = 0
+            if first is not None:
+                for old, new in zip(self.past, first, strict=True):
+                    old[slot, :, -1] = new[k, :, 0]
+                self.dec_mask[slot, -1] = 1
             self.slots[slot] = seqs[k]
             del self._free_since[slot]
         n = len(seqs) - len(reused)
@@ -265,6 +311,10 @@ class DecodeBatch:
             self.dec_mask = np.concatenate(
                 [self.dec_mask, np.zeros((n, self.dec_mask.shape[1]), np.int64)]
             )
+            if first is not None:
+                for old, new in zip(self.past, first, strict=True):
+                    old[b:, :, -1] = new[len(reused) :, :, 0]
+                self.dec_mask[b:, -1] = 1
             self.slots.extend(seqs[len(reused) :])
 
     def remove(self, seq_ids: set[int]) -> None:
@@ -337,28 +387,29 @@ class DecodeBatch:
         self._steps += 1
         logits = out.logits[:, -1]  # (B, V)
         live = [i for i, s in enumerate(self.slots) if s is not None]
-        scored = logits if len(live) == b else logits[live]
+        rows = [s for s in self.slots if s is not None]
+        events = self._choose_next(rows, logits if len(live) == b else logits[live])
+        self.remove({s.id for s in rows if s.finish_reason is not None})
+        if not len(self):  # an idle batch holds no cache
+            self.compact()
+        return events
+
+    def _choose_next(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
+        """Each sequence's next token from its logits row (B, V), and its event."""
         # Only the chosen tokens' log-probabilities are reported: one normalizer per row, not
         # a (B, V) log_softmax every step.
-        normalizer = logsumexp(scored)
-        greedy = np.argmax(scored, axis=-1)
-        events, finished = [], set()
-        for k, i in enumerate(live):
-            seq = self.slots[i]
-            assert seq is not None
+        normalizer = logsumexp(logits)
+        greedy = np.argmax(logits, axis=-1)
+        events = []
+        for k, seq in enumerate(seqs):
             p = seq.params
             plain = not p.sampling and p.repetition_penalty == 1.0
             try:
-                token = int(greedy[k]) if plain else choose(logits[i], seq)
-                events.append(self._advance(seq, token, float(logits[i, token] - normalizer[k])))
+                token = int(greedy[k]) if plain else choose(logits[k], seq)
+                events.append(self._advance(seq, token, float(logits[k, token] - normalizer[k])))
             except Exception as err:  # one sequence's failure must not end its batch-mates'
                 seq.finish_reason = FINISH_ERROR
                 events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))
-            if seq.finish_reason is not None:
-                finished.add(seq.id)
-        self.remove(finished)
-        if not len(self):  # an idle batch holds no cache
-            self.compact()
         return events
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> TokenEvent:

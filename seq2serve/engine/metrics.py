@@ -25,7 +25,8 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.batch_size = Histogram(
             "seq2serve_batch_size",
-            "Rows in each decoder step (generation) or encoder call (encode/classify).",
+            "Rows in each decoder step (generate), first-token call of joining requests "
+            "(prefill) or encoder call (encode/classify).",
             ["kind"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
