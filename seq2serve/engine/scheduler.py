@@ -19,11 +19,12 @@ continuous batch.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -125,6 +126,28 @@ class GenerationStream:
         async for _ in self:
             pass
         return self.sequence
+
+
+def _load_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+# Hand the memory a burst of work freed back to the system when the engine goes idle. With
+# onnxruntime's arena off, activations come from malloc, which keeps what a mix of shapes
+# freed (a 20-second soak of sources from 2 to 512 tokens left 30 % more resident than its
+# warm-up's high-water mark); glibc's malloc_trim returns it, in a few milliseconds, when
+# nothing waits.
+release_free_memory = _load_trim()
+TRIM_EVERY_S = 1.0  # at most this often, when the engine goes idle
 
 
 def _deliver(deliveries: list[tuple[GenerationStream, TokenEvent | Exception]]) -> None:
@@ -256,10 +279,21 @@ class Engine:
     # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        trimmed, worked = time.monotonic(), False
         while True:
             with self._lock:
                 while self._running and not self._has_work():
-                    self._wake.wait()
+                    due = trimmed + TRIM_EVERY_S - time.monotonic()
+                    if worked and due <= 0:
+                        break
+                    self._wake.wait(due if worked else None)
+                idle = not self._has_work()
+            if idle and worked and self._running:
+                release_free_memory()
+                trimmed, worked = time.monotonic(), False
+                continue
+            worked = True
+            with self._lock:
                 if not self._running and not self._has_work():
                     return
                 cancelled, self._cancelled = self._cancelled, set()
@@ -352,15 +386,21 @@ class Engine:
         self._loop.call_soon_threadsafe(settle)
 
     def _join(self, joiners: list[GenerationStream]) -> None:
+        """Encode the joiners and give them their first token (a decoder call over the
+        joiners alone), so a new request waits for no step of the running batch."""
+        for stream in joiners:
+            self._live[stream.sequence.id] = stream
         try:
-            self.batch.add([s.sequence for s in joiners])
+            events = self.batch.add([s.sequence for s in joiners])
         except Exception as err:
             log.exception("encoding new sequences failed")
             for stream in joiners:
+                del self._live[stream.sequence.id]
                 stream.push(RequestFailed(f"encoding failed: {err}"))
             return
-        for stream in joiners:
-            self._live[stream.sequence.id] = stream
+        if self.metrics:
+            self.metrics.batch_size.labels("prefill").observe(len(joiners))
+        self._publish(events, time.monotonic())
 
     def _step(self) -> None:
         started = time.monotonic()
@@ -378,6 +418,11 @@ class Engine:
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (now - started)
         if self.metrics:
             self.metrics.batch_size.labels("generate").observe(rows)
+        self._publish(events, now)
+
+    def _publish(self, events: list[TokenEvent], now: float) -> None:
+        """Hand a call's token events to their streams: one wake-up of the event loop."""
+        if self.metrics:
             self.metrics.generated_tokens.inc(len(events))
         deliveries: list[tuple[GenerationStream, TokenEvent | Exception]] = []
         for event in events:
