@@ -56,7 +56,9 @@ def test_an_engine_row_runs_in_its_own_process(tiny_bundle):
 
 def test_the_load_client_counts_every_streamed_token(server, client):
     texts = [">>fr<< 2021-03-04", ">>de<< 1234"]
-    result = asyncio.run(bench._load(server.base_url, texts, clients=2, seconds=1.0, new_tokens=8))
+    result = bench.summarize(
+        [asyncio.run(bench._load(server.base_url, texts, clients=2, seconds=1.0, new_tokens=8))]
+    )
     assert result["errors"] == 0 and result["requests"] >= 2
     # The same requests through httpx: the client saw as many events as tokens generated.
     for text in texts:
@@ -76,5 +78,7 @@ def test_the_load_client_counts_every_streamed_token(server, client):
 
 
 def test_the_load_client_reports_refusals_as_errors(server):
-    result = asyncio.run(bench._load(server.base_url, [""], clients=1, seconds=0.3, new_tokens=8))
+    result = bench.summarize(
+        [asyncio.run(bench._load(server.base_url, [""], clients=1, seconds=0.3, new_tokens=8))]
+    )
     assert result["errors"] >= 1 and result["requests"] == 0
