@@ -53,6 +53,7 @@ from seq2serve.config import ModelConfig
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import DecodeBatch, SamplingParams
 from seq2serve.engine.runtime import Backend, OnnxBackend
+from seq2serve.engine.scheduler import Engine, EngineLimits
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +542,48 @@ def in_process(
     }
 
 
+async def _engine_load(
+    engine: Engine,
+    ids: list[list[int]],
+    clients: int,
+    seconds: float,
+    new_tokens: int,
+    stagger: float,
+) -> dict[str, Any]:
+    """``_load``'s traffic handed to the engine directly: no HTTP, no SSE, no tokenizing."""
+    await engine.start()
+    ttft: list[float] = []
+    itl: list[float] = []
+    stamps: list[float] = []
+    window = time.perf_counter() + (clients - 1) * stagger
+    deadline = window + seconds
+
+    async def client(i: int) -> None:
+        await asyncio.sleep(i * stagger)
+        n = 0
+        while time.perf_counter() < deadline:
+            timing = _Timing(time.perf_counter(), window, ttft, itl, stamps)
+            stream = engine.generate_stream(
+                ids[(i + n) % len(ids)], SamplingParams(max_new_tokens=new_tokens)
+            )
+            n += 1
+            async for _ in stream:
+                timing.event(False)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    await engine.stop()
+    tokens = sum(window <= t <= deadline for t in stamps)
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": 0,
+        "tokens": tokens,
+        "errors": 0,
+        "ttft": ttft,
+        "itl": itl,
+    }
+
+
 # The machine's speed drifts by tens of percent over minutes on shared hosts: the engine
 # in-process and the server take turns, and each ratio is the median of the rounds' ratios.
 ROUNDS = 3
@@ -565,6 +608,9 @@ def bench_serving(
     engine: list[dict[str, float]] = []
     single: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []
+    alike: list[dict[str, Any]] = []  # the same arrivals, to the engine in-process
+    ids = [bundle.tokenizer.encode(t).ids for t in texts]
+    limits = EngineLimits(max_batch_size=max(32, clients), max_queue=4096)
     memory: list[float] = []
     proc, url = start_server(cfg.model, env)
     try:
@@ -581,6 +627,12 @@ def bench_serving(
                     asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens, stagger))
                 )
             memory += sampler.samples
+            engine_alone = Engine(backend, bundle.tokenizer, limits)
+            alike.append(
+                asyncio.run(
+                    _engine_load(engine_alone, ids, clients, seconds, cfg.new_tokens, stagger)
+                )
+            )
     finally:
         stop_server(proc)
     figures = {k: round(statistics.median(e[k] for e in engine), 3) for k in engine[0]}
@@ -589,6 +641,7 @@ def bench_serving(
         "in_process": figures,
         "http_1": summarize(single),
         "http_n": summarize(many),
+        "engine_n": summarize(alike),
         "ttft_bound_ms": round(figures["encoder_ms"] + 2 * figures["batch_step_ms"], 2),
         "ratio_http_1": round(
             statistics.median(
@@ -601,6 +654,13 @@ def bench_serving(
             statistics.median(
                 h["tokens"] / h["seconds"] / e["batch_tokens_per_s"]
                 for h, e in zip(many, engine, strict=True)
+            ),
+            3,
+        ),
+        # HTTP's own share: the server against the engine in-process under the same arrivals.
+        "ratio_http_n_engine": round(
+            statistics.median(
+                h["tokens"] / max(e["tokens"], 1) for h, e in zip(many, alike, strict=True)
             ),
             3,
         ),
@@ -804,21 +864,35 @@ def table(results: dict[str, Any]) -> str:
         )
     serving = results.get("serving", {})
     if serving:
-        n = next(iter(serving.values()))["http_n"]["clients"]
+        first = next(iter(serving.values()))
+        n, rounds = first["http_n"]["clients"], first["rounds"]
         lines += [
             "",
-            f"| serving | in-process 1 | HTTP 1 stream | in-process batch {n} | HTTP {n} streams "
+            f"Serving (medians of {rounds} rounds, the engine in-process and the server taking "
+            f"turns; {n} streams start evenly over one request's length)",
+            "",
+            f"| serving | in-process 1 | HTTP 1 stream | in-process batch {n} "
+            f"| engine, {n} streams' arrivals | HTTP {n} streams "
             "| TTFT p50 / p95 ms | encoder + 2 steps ms | ITL p50 / p95 ms | server MB | errors |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in serving.items():
-            e, h1, hn = s["in_process"], s["http_1"], s["http_n"]
+            e, h1, hn, en = s["in_process"], s["http_1"], s["http_n"], s["engine_n"]
             lines.append(
                 f"| {name} | {e['alone_tokens_per_s']:.0f} tok/s | {h1['tokens_per_s']:.0f} tok/s "
-                f"| {e['batch_tokens_per_s']:.0f} tok/s | {hn['tokens_per_s']:.0f} tok/s "
+                f"| {e['batch_tokens_per_s']:.0f} tok/s | {en['tokens_per_s']:.0f} tok/s "
+                f"| {hn['tokens_per_s']:.0f} tok/s "
                 f"| {hn['ttft_ms_p50']:.1f} / {hn['ttft_ms_p95']:.1f} | {s['ttft_bound_ms']:.1f} "
                 f"| {hn['itl_ms_p50']:.1f} / {hn['itl_ms_p95']:.1f} "
                 f"| {hn.get('rss_mb_max', float('nan')):.0f} | {h1['errors'] + hn['errors']} |"
+            )
+        for name, s in serving.items():
+            lines.append(
+                f"\n{name}: HTTP {n} streams / the engine under the same arrivals: "
+                f"{s['ratio_http_n_engine']:.2f} (what HTTP and SSE cost); the engine under "
+                f"those arrivals / one static batch: "
+                f"{s['engine_n']['tokens_per_s'] / s['in_process']['batch_tokens_per_s']:.2f} "
+                "(what requests coming and going cost)"
             )
         for name, s in serving.items():
             if "http_n_batch_1" in s:
