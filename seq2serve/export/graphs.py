@@ -22,7 +22,7 @@ from seq2serve.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
+OPSET = 23
 
 
 class EncoderGraph(nn.Module):

@@ -63,6 +63,10 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
 
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    # One row of the mask per query, not one broadcast over them: exported at opset 23 this
+    # call is a single ONNX Attention node, and onnxruntime's kernel for it wants the mask's
+    # query axis spelled out.
+    mask = mask.expand(-1, -1, q.shape[-2], -1)  # (B, 1, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
