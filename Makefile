@@ -39,6 +39,16 @@ lint: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/seq2serve bench
 
+# The reference workload of the README's peer table: an opus-mt-en-de-sized Marian with
+# random weights (built here, nothing downloaded), benchmarked against transformers and
+# CTranslate2 on the same weights.
+.PHONY: bench-reference
+bench-reference: $(DEV_STAMP)
+	test -d bench-results/reference/bundle || \
+		$(BIN)/python -m seq2serve.hf.reference --out bench-results/reference
+	$(BIN)/seq2serve bench --model bench-results/reference/bundle \
+		--json bench-results/reference.json
+
 # Reproduces the shipped default bundle: train (about 10 minutes on 2 CPU cores), then export
 # with int8 graphs, parity and held-out figures in the manifest.
 train: $(DEV_STAMP)

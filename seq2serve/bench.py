@@ -551,6 +551,7 @@ async def _engine_load(
     stagger: float,
 ) -> dict[str, Any]:
     """``_load``'s traffic handed to the engine directly: no HTTP, no SSE, no tokenizing."""
+    logging.getLogger("seq2serve.engine.scheduler").setLevel(logging.WARNING)  # no ready/stop
     await engine.start()
     ttft: list[float] = []
     itl: list[float] = []

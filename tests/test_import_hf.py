@@ -423,3 +423,17 @@ def test_untied_head_and_bad_dirs_are_refused(tmp_path, capsys) -> None:
     assert cli_main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 1
     assert "normalize_before" in capsys.readouterr().err
     assert cli_main(["import-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_the_reference_workload_builds_imports_and_exports(tmp_path):
+    """`python -m seq2serve.hf.reference` (here with small layers): opus-mt's vocabulary size,
+    a bundle that points the benchmark's peer rows at the Hugging Face directory."""
+    from seq2serve.hf import reference
+
+    bundle = reference.build(tmp_path, d_model=32, layers=1, heads=2, ffn=64)
+    cfg = json.loads((bundle / "config.json").read_text())
+    assert cfg["vocab_size"] == reference.VOCAB_SIZE
+    source = json.loads((bundle / "hf_source.json").read_text())["hf_source"]
+    assert Path(source) == tmp_path / "hf"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["fp32"]["max"] < 1e-4
