@@ -62,11 +62,12 @@ RUN python3 image_requirements.py --variant "$VARIANT" \
 # README.md is the package's long description (pyproject's `readme`).
 COPY README.md ./
 COPY seq2serve ./seq2serve
-# The installer itself is not needed to serve. Bytecode is compiled here with hashes that are
-# never checked against source times, so the read-only runtime has nothing to write and no
-# copy step's timestamps can make it stale.
+# The installer itself is not needed to serve, nor hf-xet (huggingface_hub's transfer backend,
+# pulled in through tokenizers; the server never downloads from a hub). Bytecode is compiled
+# here with hashes that are never checked against source times, so the read-only runtime has
+# nothing to write and no copy step's timestamps can make it stale.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
-    && /opt/venv/bin/pip uninstall -y pip setuptools \
+    && /opt/venv/bin/pip uninstall -y pip setuptools hf-xet \
     && /opt/venv/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash \
         /opt/venv/lib >/dev/null
 
