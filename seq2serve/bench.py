@@ -498,9 +498,22 @@ class ResidentMemory:
 
 
 def serving_texts(tokenizer: Any, cfg: ModelConfig, n: int, length: int) -> list[str]:
-    """``n`` request texts of about ``length`` tokens: random ordinary tokens, as text."""
+    """``n`` request texts of about ``length`` tokens each: random ordinary tokens, as text.
+
+    Random pieces written out need not tokenize back to themselves (a filler piece a
+    SentencePiece model lacks comes back as characters); each text is cut until the server's
+    tokenization of it (nearly) fits."""
     rows = sources(cfg.vocab_size, n, length, cfg.eos_token_id, seed=1)
-    return [tokenizer.decode(r[:-1], skip_special_tokens=True) for r in rows]
+    texts = []
+    for row in rows:
+        text = tokenizer.decode(row[:-1], skip_special_tokens=True)
+        for _ in range(8):
+            ids = tokenizer.encode(text).ids
+            if len(ids) <= length:
+                break
+            text = tokenizer.decode(ids[: length - 1], skip_special_tokens=True)
+        texts.append(text)
+    return texts
 
 
 def in_process(
@@ -535,6 +548,7 @@ def in_process(
         backend.encode(one, np.ones_like(one))
         encoder.append(time.perf_counter() - start)
     return {
+        "source_tokens": float(np.mean([len(i) for i in ids])),
         "alone_tokens_per_s": tokens / seconds,
         "batch_tokens_per_s": n / t,
         "batch_step_ms": 1000 * statistics.median(steps),
