@@ -198,15 +198,30 @@ def decode_rows(cfg: BenchConfig, progress: Progress) -> dict[str, dict[str, Any
                     jobs.append((f"ctranslate2 {precision}", {"ct2_model": out}))
             else:
                 progress("ctranslate2 is not installed: its rows are skipped")
-        for engine, extra in jobs:
-            progress(f"decode: {engine}")
-            cmd = bench_engines.command(engine, cfg.model, **options, **extra)
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                progress(f"{engine} failed, its row is skipped: {done.stderr.strip()[-500:]}")
-                continue
-            rows[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+        # Two rounds, the second in reverse order: a slow spell of the shared host lands on
+        # one round of an engine, and each figure is the faster round's (noise only adds).
+        for r, order in enumerate((jobs, jobs[::-1])):
+            for engine, extra in order:
+                if r and engine not in rows:
+                    continue  # it failed in the first round
+                progress(f"decode, round {r + 1}/2: {engine}")
+                cmd = bench_engines.command(engine, cfg.model, **options, **extra)
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    progress(f"{engine} failed, its row is skipped: {done.stderr.strip()[-500:]}")
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows[engine] = _faster(rows[engine], result) if engine in rows else result
     return rows
+
+
+def _faster(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Per batch size the faster of two rounds' figures; the larger resident memory."""
+    rows = {k: min(a["rows"][k], b["rows"][k], key=lambda f: f["ms_per_step"]) for k in a["rows"]}
+    memory: dict[str, Any] = {
+        k: max(a[k], b[k]) for k in ("rss_mb", "peak_rss_mb") if k in a and k in b
+    }
+    return {"rows": rows, **memory}
 
 
 def bench_step_growth(backend: Backend, tokenizer: Any, cfg: BenchConfig) -> dict[str, float]:
