@@ -119,13 +119,10 @@ def build_marian(out: Path) -> Path:
             hard_vocab_limit=False,  # the generated text is small: take what it has
             minloglevel=2,
         )
-    pieces = ["</s>", "<unk>", ">>fr<<", ">>de<<"]
-    for name in ("source", "target"):
-        sp = spm.SentencePieceProcessor(model_file=str(work / f"{name}.model"))
-        for i in range(sp.get_piece_size()):
-            piece = sp.id_to_piece(i)
-            if not (sp.is_control(i) or sp.is_unknown(i)) and piece not in pieces:
-                pieces.append(piece)
+    from seq2serve.hf.reference import shared_pieces
+
+    models = [work / "source.model", work / "target.model"]
+    pieces = shared_pieces(models, ["</s>", "<unk>", ">>fr<<", ">>de<<"])
     pieces.append("<pad>")  # last, as in opus-mt
     vocab = {p: i for i, p in enumerate(pieces)}
     (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

@@ -35,6 +35,21 @@ def _phrases(n: int, seed: int) -> list[str]:
     return text[:n]
 
 
+def shared_pieces(models: list[Path], first: list[str]) -> list[str]:
+    """A Marian-style shared vocabulary: ``first``, then every piece of the SentencePiece
+    ``models`` in order, each once (their control and unknown pieces left out)."""
+    import sentencepiece as spm
+
+    pieces = list(first)
+    for model in models:
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if not (sp.is_control(i) or sp.is_unknown(i)) and piece not in pieces:
+                pieces.append(piece)
+    return pieces
+
+
 def build_hf(
     out: Path, d_model: int = 512, layers: int = 6, heads: int = 8, ffn: int = 2048
 ) -> Path:
@@ -55,13 +70,7 @@ def build_hf(
             hard_vocab_limit=False,
             minloglevel=2,
         )
-    pieces = ["</s>", "<unk>"]
-    for name in ("source", "target"):
-        sp = spm.SentencePieceProcessor(model_file=str(work / f"{name}.model"))
-        for i in range(sp.get_piece_size()):
-            piece = sp.id_to_piece(i)
-            if not (sp.is_control(i) or sp.is_unknown(i)) and piece not in pieces:
-                pieces.append(piece)
+    pieces = shared_pieces([work / "source.model", work / "target.model"], ["</s>", "<unk>"])
     # Filler pieces bring the vocabulary (and the embedding, the LM head) to opus-mt's size.
     pieces += [f"\u2581w{i}" for i in range(VOCAB_SIZE - 1 - len(pieces))]
     pieces.append("<pad>")  # last, as in opus-mt
