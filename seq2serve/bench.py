@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,42 @@ class _Timing:
         self.stamps.append(now)
 
 
+async def _closed_loop(
+    clients: int,
+    seconds: float,
+    stagger: float,
+    request: Callable[[int, int, _Timing], Awaitable[bool]],
+) -> dict[str, Any]:
+    """``clients`` closed-loop clients; client i starts ``i * stagger`` seconds in and sends
+    its n-th request with ``request(i, n, timing)`` (True: it succeeded). Figures cover the
+    window after the last client started: ``seconds`` long."""
+    ttft: list[float] = []
+    itl: list[float] = []
+    stamps: list[float] = []
+    outcomes: list[bool] = []
+    window = time.perf_counter() + (clients - 1) * stagger
+    deadline = window + seconds
+
+    async def client(i: int) -> None:
+        await asyncio.sleep(i * stagger)
+        n = 0
+        while time.perf_counter() < deadline:
+            timing = _Timing(time.perf_counter(), window, ttft, itl, stamps)
+            outcomes.append(await request(i, n, timing))
+            n += 1
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "requests": sum(outcomes),
+        "tokens": sum(window <= t <= deadline for t in stamps),
+        "errors": len(outcomes) - sum(outcomes),
+        "ttft": ttft,
+        "itl": itl,
+    }
+
+
 async def _load(
     url: str,
     texts: list[str],
@@ -400,58 +436,30 @@ async def _load(
     new_tokens: int,
     stagger: float = 0.0,
 ) -> dict[str, Any]:
-    """``clients`` closed-loop streaming clients; client i starts ``i * stagger`` seconds in.
-    Figures cover the window after the last client started: ``seconds`` long."""
+    """Closed-loop streaming clients over HTTP (see ``_closed_loop``), one kept-alive
+    connection each."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    ttft: list[float] = []
-    itl: list[float] = []
-    stamps: list[float] = []
-    errors = 0
-    requests = 0
-    began = time.perf_counter()
-    window = began + (clients - 1) * stagger
-    deadline = window + seconds
+    connections = [_Connection(host, int(port)) for _ in range(clients)]
 
-    async def client(i: int) -> None:
-        nonlocal errors, requests
-        await asyncio.sleep(i * stagger)
-        connection = _Connection(host, int(port))
-        n = 0
+    async def request(i: int, n: int, timing: _Timing) -> bool:
+        body = {
+            "inputs": texts[(i + n) % len(texts)],
+            "parameters": {"max_new_tokens": new_tokens},
+            "stream": True,
+        }
         try:
-            while time.perf_counter() < deadline:
-                body = {
-                    "inputs": texts[(i + n) % len(texts)],
-                    "parameters": {"max_new_tokens": new_tokens},
-                    "stream": True,
-                }
-                n += 1
-                request = _Timing(time.perf_counter(), window, ttft, itl, stamps)
-                try:
-                    status = await connection.post_stream("/v1/generate", body, request.event)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    errors += 1
-                    await connection.close()
-                    connection = _Connection(host, int(port))
-                    continue
-                if status != 200 or request.failed:
-                    errors += 1
-                else:
-                    requests += 1
-        finally:
+            status = await connections[i].post_stream("/v1/generate", body, timing.event)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await connections[i].close()
+            connections[i] = _Connection(host, int(port))
+            return False
+        return status == 200 and not timing.failed
+
+    try:
+        return await _closed_loop(clients, seconds, stagger, request)
+    finally:
+        for connection in connections:
             await connection.close()
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-
-    tokens = sum(window <= t <= deadline for t in stamps)
-    return {
-        "clients": clients,
-        "seconds": seconds,
-        "requests": requests,
-        "tokens": tokens,
-        "errors": errors,
-        "ttft": ttft,
-        "itl": itl,
-    }
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -581,37 +589,18 @@ async def _engine_load(
 ) -> dict[str, Any]:
     """``_load``'s traffic handed to the engine directly: no HTTP, no SSE, no tokenizing."""
     logging.getLogger("seq2serve.engine.scheduler").setLevel(logging.WARNING)  # no ready/stop
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    async def request(i: int, n: int, timing: _Timing) -> bool:
+        async for _ in engine.generate_stream(ids[(i + n) % len(ids)], params):
+            timing.event(False)
+        return True
+
     await engine.start()
-    ttft: list[float] = []
-    itl: list[float] = []
-    stamps: list[float] = []
-    window = time.perf_counter() + (clients - 1) * stagger
-    deadline = window + seconds
-
-    async def client(i: int) -> None:
-        await asyncio.sleep(i * stagger)
-        n = 0
-        while time.perf_counter() < deadline:
-            timing = _Timing(time.perf_counter(), window, ttft, itl, stamps)
-            stream = engine.generate_stream(
-                ids[(i + n) % len(ids)], SamplingParams(max_new_tokens=new_tokens)
-            )
-            n += 1
-            async for _ in stream:
-                timing.event(False)
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    await engine.stop()
-    tokens = sum(window <= t <= deadline for t in stamps)
-    return {
-        "clients": clients,
-        "seconds": seconds,
-        "requests": 0,
-        "tokens": tokens,
-        "errors": 0,
-        "ttft": ttft,
-        "itl": itl,
-    }
+    try:
+        return await _closed_loop(clients, seconds, stagger, request)
+    finally:
+        await engine.stop()
 
 
 # The machine's speed drifts by tens of percent over minutes on shared hosts: the engine
