@@ -387,7 +387,7 @@ class DecodeBatch:
         self._steps += 1
         logits = out.logits[:, -1]  # (B, V)
         live = [i for i, s in enumerate(self.slots) if s is not None]
-        rows = [s for s in self.slots if s is not None]
+        rows = self.rows
         events = self._choose_next(rows, logits if len(live) == b else logits[live])
         self.remove({s.id for s in rows if s.finish_reason is not None})
         if not len(self):  # an idle batch holds no cache

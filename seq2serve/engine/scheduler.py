@@ -90,7 +90,11 @@ class GenerationStream:
 
     def push(self, item: TokenEvent | Exception) -> None:
         """Called from the worker thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._loop.call_soon_threadsafe(self.put, item)
+
+    def put(self, item: TokenEvent | Exception) -> None:
+        """Called on the event loop."""
+        self._queue.put_nowait(item)
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         async for events in self.chunks():
@@ -152,7 +156,7 @@ TRIM_EVERY_S = 1.0  # at most this often, when the engine goes idle
 
 def _deliver(deliveries: list[tuple[GenerationStream, TokenEvent | Exception]]) -> None:
     for stream, item in deliveries:
-        stream._queue.put_nowait(item)
+        stream.put(item)
 
 
 @dataclass
