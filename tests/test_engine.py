@@ -16,9 +16,11 @@ from seq2serve.engine.generation import (
     DecodeBatch,
     SamplingParams,
     beam_search,
+    log_softmax,
     run_to_completion,
 )
-from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.engine.runtime import OnnxBackend, log_softmax_rows
+from seq2serve.export.graphs import log_softmax_model
 from seq2serve.model.checkpoint import load_model
 from seq2serve.model.generate import GenerationConfig, generate
 
@@ -245,3 +247,26 @@ def test_tiny_temperature_samples_greedily(engine):
     tiny = SamplingParams(max_new_tokens=12, do_sample=True, temperature=5e-324, seed=1)
     assert not tiny.sampling
     assert alone(engine, SOURCES[1], tiny) == greedy
+
+
+def test_the_shipped_log_softmax_graph_is_the_one_the_exporter_builds():
+    from importlib import resources
+
+    shipped = resources.files("seq2serve.engine").joinpath("log_softmax.onnx").read_bytes()
+    assert shipped == log_softmax_model().SerializeToString(), (
+        "seq2serve/engine/log_softmax.onnx is stale: rewrite it from "
+        "seq2serve.export.graphs.log_softmax_model()"
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_onnxruntime_log_softmax_equals_numpys(rows):
+    rng = np.random.default_rng(rows)
+    logits = (rng.standard_normal((rows, 5003)) * rng.uniform(0.1, 40, (rows, 1))).astype(
+        np.float32
+    )
+    logits[0, :7] = 80.0  # ties at the top, far above the rest
+    got = log_softmax_rows()(logits)
+    assert got.shape == logits.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, log_softmax(logits.astype(np.float64)), rtol=1e-5, atol=1e-4)
+    assert got.max() <= 1e-6

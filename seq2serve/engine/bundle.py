@@ -91,9 +91,11 @@ def shared_thread_pool(threads: int | None) -> int:
     joining request between two decoder steps ran those steps at half speed on 2 cores
     (14.1 against 7.9 ms per batch-16 step, opus-mt-sized int8; 913 against 1,613 tokens/s
     with requests coming and going). One shared pool has no such fight. Its size is a
-    process setting: the first load decides it.
+    process setting: the first load decides it (``threads`` None: no preference).
     """
     global _pool_threads
+    if threads is None and _pool_threads is not None:
+        return _pool_threads
     n = threads or os.cpu_count() or 1
     if _pool_threads is None:
         ort.set_global_thread_pool_sizes(n, 1)

@@ -32,7 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve.config import ModelConfig
-from seq2serve.engine.runtime import Backend
+from seq2serve.engine.runtime import Backend, log_softmax_rows
 from seq2serve.engine.text import TextStream, special_token_ids
 
 FINISH_LENGTH = "length"
@@ -102,13 +102,6 @@ class Sequence:
     @property
     def text(self) -> str:
         return self.stream.text
-
-
-def logsumexp(logits: np.ndarray) -> np.ndarray:
-    """Per row (..., V) -> (...): the normalizer of log_softmax, without the (..., V) result."""
-    top = logits.max(axis=-1)
-    out: np.ndarray = top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
-    return out
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -190,6 +183,7 @@ class DecodeBatch:
         self.config: ModelConfig = backend.config
         self.tokenizer = tokenizer
         self.special_ids = special_token_ids(tokenizer)
+        self.log_softmax = log_softmax_rows()
         self.slots: list[Sequence | None] = []  # None: a free slot
         self._free_since: dict[int, int] = {}  # free slot -> step it was freed at
         self._steps = 0
@@ -396,9 +390,7 @@ class DecodeBatch:
 
     def _choose_next(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
         """Each sequence's next token from its logits row (B, V), and its event."""
-        # Only the chosen tokens' log-probabilities are reported: one normalizer per row, not
-        # a (B, V) log_softmax every step.
-        normalizer = logsumexp(logits)
+        logprobs = self.log_softmax(logits)  # (B, V)
         greedy = np.argmax(logits, axis=-1)
         events = []
         for k, seq in enumerate(seqs):
@@ -406,7 +398,7 @@ class DecodeBatch:
             plain = not p.sampling and p.repetition_penalty == 1.0
             try:
                 token = int(greedy[k]) if plain else choose(logits[k], seq)
-                events.append(self._advance(seq, token, float(logits[k, token] - normalizer[k])))
+                events.append(self._advance(seq, token, float(logprobs[k, token])))
             except Exception as err:  # one sequence's failure must not end its batch-mates'
                 seq.finish_reason = FINISH_ERROR
                 events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))

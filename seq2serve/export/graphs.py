@@ -161,3 +161,19 @@ def _name_axes(
         for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape, strict=True):
             if isinstance(want, str):
                 dim.dim_param = want
+
+
+def log_softmax_model() -> onnx.ModelProto:
+    """The engine's ``log_softmax.onnx``: log_softmax over the last axis of (rows, vocab_size)
+    float32 logits, one LogSoftmax node. The file ships with the engine, which has no onnx
+    package to build it with; a test checks the file is exactly this model."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("LogSoftmax", ["logits"], ["logprobs"], axis=-1)],
+        "log_softmax",
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["rows", "vocab"])],
+        [onnx.helper.make_tensor_value_info("logprobs", onnx.TensorProto.FLOAT, ["rows", "vocab"])],
+    )
+    # A fixed IR version and opset: the bytes stay the same whatever onnx builds them.
+    return onnx.helper.make_model(
+        graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 13)]
+    )
