@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -608,6 +608,15 @@ async def _engine_load(
         await engine.stop()
 
 
+def _tokens_per_s(run: dict[str, Any]) -> float:
+    return float(run["tokens"]) / run["seconds"]
+
+
+def _median_ratio(pairs: Iterable[tuple[float, float]]) -> float:
+    """The median over rounds of (measured / baseline): each round against its own baseline."""
+    return round(statistics.median(a / max(b, 1e-9) for a, b in pairs), 3)
+
+
 # The machine's speed drifts by tens of percent over minutes on shared hosts: the engine
 # in-process and the server take turns, and each ratio is the median of the rounds' ratios.
 ROUNDS = 3
@@ -672,33 +681,19 @@ def bench_serving(
         "engine_n": summarize(alike),
         "http_n_together": summarize(together),
         "ttft_bound_ms": round(figures["encoder_ms"] + 2 * figures["batch_step_ms"], 2),
-        "ratio_http_1": round(
-            statistics.median(
-                h["tokens"] / h["seconds"] / e["alone_tokens_per_s"]
-                for h, e in zip(single, engine, strict=True)
-            ),
-            3,
+        "ratio_http_1": _median_ratio(
+            (_tokens_per_s(h), e["alone_tokens_per_s"]) for h, e in zip(single, engine, strict=True)
         ),
-        "ratio_http_n": round(
-            statistics.median(
-                h["tokens"] / h["seconds"] / e["batch_tokens_per_s"]
-                for h, e in zip(many, engine, strict=True)
-            ),
-            3,
+        "ratio_http_n": _median_ratio(
+            (_tokens_per_s(h), e["batch_tokens_per_s"]) for h, e in zip(many, engine, strict=True)
         ),
-        "ratio_http_n_together": round(
-            statistics.median(
-                h["tokens"] / h["seconds"] / e["batch_tokens_per_s"]
-                for h, e in zip(together, engine, strict=True)
-            ),
-            3,
+        "ratio_http_n_together": _median_ratio(
+            (_tokens_per_s(h), e["batch_tokens_per_s"])
+            for h, e in zip(together, engine, strict=True)
         ),
         # HTTP's own share: the server against the engine in-process under the same arrivals.
-        "ratio_http_n_engine": round(
-            statistics.median(
-                h["tokens"] / max(e["tokens"], 1) for h, e in zip(many, alike, strict=True)
-            ),
-            3,
+        "ratio_http_n_engine": _median_ratio(
+            (_tokens_per_s(h), _tokens_per_s(e)) for h, e in zip(many, alike, strict=True)
         ),
     }
     if memory:
