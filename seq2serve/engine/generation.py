@@ -265,10 +265,8 @@ class DecodeBatch:
             s = enc_mask.shape[1]
             self.cross = [_pad_to(a, 2, s) for a in self.cross]
             self.enc_mask = _pad_to(self.enc_mask, 1, s)
-        width = self.enc_mask.shape[1]
-        free = sorted(self._free_since)
-        reused = free[: len(seqs)]
-        for k, slot in enumerate(reused):
+        self._append_free_slots(len(seqs) - len(self._free_since))
+        for k, slot in enumerate(sorted(self._free_since)[: len(seqs)]):
             for old, new in zip(self.cross, cross, strict=True):
                 old[slot] = 0.0
                 old[slot, :, : new.shape[2]] = new[k]
@@ -281,35 +279,24 @@ class DecodeBatch:
                 self.dec_mask[slot, -1] = 1
             self.slots[slot] = seqs[k]
             del self._free_since[slot]
-        n = len(seqs) - len(reused)
-        if n:
-            # One new allocation per array, each written once (not pad, then concatenate).
-            b = len(self.slots)
 
-            def grown(old: np.ndarray, tail: np.ndarray | None, axis_len: int) -> np.ndarray:
-                out = np.zeros((b + n, *old.shape[1:]), old.dtype)
-                out[:b] = old
-                if tail is not None:
-                    out[b:, :, :axis_len] = tail
-                return out
+    def _append_free_slots(self, n: int) -> None:
+        """Grow every array by ``n`` free slots: one allocation each, not a pad and a
+        concatenate per joiner."""
+        if n <= 0:
+            return
+        b = len(self.slots)
 
-            self.cross = [
-                grown(old, new[len(reused) :], new.shape[2])
-                for old, new in zip(self.cross, cross, strict=True)
-            ]
-            self.past = [grown(old, None, 0) for old in self.past]
-            mask = np.zeros((b + n, width), np.int64)
-            mask[:b] = self.enc_mask
-            mask[b:, : enc_mask.shape[1]] = enc_mask[len(reused) :]
-            self.enc_mask = mask
-            self.dec_mask = np.concatenate(
-                [self.dec_mask, np.zeros((n, self.dec_mask.shape[1]), np.int64)]
-            )
-            if first is not None:
-                for old, new in zip(self.past, first, strict=True):
-                    old[b:, :, -1] = new[len(reused) :, :, 0]
-                self.dec_mask[b:, -1] = 1
-            self.slots.extend(seqs[len(reused) :])
+        def grown(old: np.ndarray) -> np.ndarray:
+            out = np.zeros((b + n, *old.shape[1:]), old.dtype)
+            out[:b] = old
+            return out
+
+        self.cross = [grown(a) for a in self.cross]
+        self.past = [grown(a) for a in self.past]
+        self.enc_mask, self.dec_mask = grown(self.enc_mask), grown(self.dec_mask)
+        self.slots.extend([None] * n)
+        self._free_since.update(dict.fromkeys(range(b, b + n), self._steps))
 
     def remove(self, seq_ids: set[int]) -> None:
         """Free the slots of these sequences (finished or cancelled); nothing is copied."""
