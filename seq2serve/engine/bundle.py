@@ -111,7 +111,9 @@ def shared_thread_pool(threads: int | None) -> int:
     return _pool_threads
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Options of every onnxruntime session of ours: the shared thread pool, full graph
+    optimization, no memory pattern and no arena (``threads`` None: no preference)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     shared_thread_pool(threads)
@@ -201,7 +203,7 @@ def load_bundle(
     for file in (encoder_file, decoder_file):
         try:
             sessions[file] = ort.InferenceSession(
-                str(path / file), sess_options=_session_options(threads), providers=providers
+                str(path / file), sess_options=session_options(threads), providers=providers
             )
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from seq2serve import contract
 from seq2serve.config import ModelConfig
-from seq2serve.engine.bundle import Bundle, shared_thread_pool
+from seq2serve.engine.bundle import Bundle, session_options
 
 
 @dataclass
@@ -109,12 +109,10 @@ class LogSoftmax:
     """
 
     def __init__(self) -> None:
-        opts = ort.SessionOptions()
-        shared_thread_pool(None)
-        opts.use_per_session_threads = False
-        opts.enable_cpu_mem_arena = False
         graph = resources.files("seq2serve.engine").joinpath("log_softmax.onnx").read_bytes()
-        self._session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            graph, session_options(None), providers=["CPUExecutionProvider"]
+        )
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         out: np.ndarray = self._session.run(
