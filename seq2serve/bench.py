@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from seq2serve import bench_engines, contract
-from seq2serve.bench_engines import sources
+from seq2serve.bench_engines import proc_status, sources, status_mb
 from seq2serve.config import ModelConfig
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import DecodeBatch, SamplingParams
@@ -493,7 +493,7 @@ class ResidentMemory:
     """Samples a process's resident memory (VmRSS) from /proc every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
-        self.path = Path(f"/proc/{pid}/status")
+        self.pid = pid
         self.interval = interval
         self.samples: list[float] = []
         self._stop = threading.Event()
@@ -502,9 +502,7 @@ class ResidentMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                for line in self.path.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.samples.append(int(line.split()[1]) / 1024)
+                self.samples.append(status_mb(proc_status(self.pid), "VmRSS"))
             except OSError:
                 return
 

@@ -35,6 +35,7 @@ ENGINES = (
 )
 
 Figures = dict[str, float]
+Decode = Callable[[list[list[int]]], None]
 
 
 def sources(vocab_size: int, n: int, length: int, eos: int, seed: int = 0) -> list[list[int]]:
@@ -61,44 +62,64 @@ def figures(seconds: float, batch_size: int, new_tokens: int) -> Figures:
     }
 
 
+def proc_status(pid: int | str = "self") -> dict[str, str]:
+    """A process's ``/proc/PID/status`` fields (``VmRSS``, ``VmHWM``, ``Threads``, ...)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def status_mb(fields: dict[str, str], key: str) -> float:
+    """A ``kB`` field of ``proc_status`` in MB."""
+    return int(fields[key].split()[0]) / 1024
+
+
 def memory() -> dict[str, float]:
     """This process's resident memory now and at its peak, MB (from /proc). Called by each
     engine's runner after decoding, while its model is still loaded."""
-    out = {}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+        fields = proc_status()
     except OSError:
-        pass
-    return out
+        return {}
+    return {"rss_mb": status_mb(fields, "VmRSS"), "peak_rss_mb": status_mb(fields, "VmHWM")}
+
+
+def _engine_decode(backend: Any, tokenizer: Any, args: argparse.Namespace) -> Decode:
+    """Greedy decoding of a batch of sources by the serving engine over ``backend``."""
+    from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
+
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+
+    def decode(src: list[list[int]]) -> None:
+        batch = DecodeBatch(backend, tokenizer)
+        run_to_completion(batch, [batch.new_sequence(s, params) for s in src])
+
+    return decode
+
+
+def _rows(decode: Decode, cfg: Any, repeats: int, args: argparse.Namespace) -> dict[str, Any]:
+    """``decode``'s figures per batch size, then the process's memory."""
+    rows = {}
+    for b in args.batch_sizes:
+        src = sources(cfg.vocab_size, b, args.source_tokens, cfg.eos_token_id)
+        rows[str(b)] = figures(median_time(partial(decode, src), repeats), b, args.new_tokens)
+    return {"rows": rows, **memory()}
 
 
 def _onnx(model: Path, quantized: bool, args: argparse.Namespace) -> dict[str, Any]:
     from seq2serve.engine.bundle import load_bundle
-    from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
     from seq2serve.engine.runtime import OnnxBackend
 
     bundle = load_bundle(model, quantized=quantized, threads=args.threads)
-    backend, cfg = OnnxBackend(bundle), bundle.config
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    rows = {}
-    for b in args.batch_sizes:
-        src = sources(cfg.vocab_size, b, args.source_tokens, cfg.eos_token_id)
-
-        def once(src: list[list[int]] = src) -> None:
-            batch = DecodeBatch(backend, bundle.tokenizer)
-            run_to_completion(batch, [batch.new_sequence(s, params) for s in src])
-
-        rows[str(b)] = figures(median_time(once, args.repeats), b, args.new_tokens)
-    return {"rows": rows, **memory()}
+    decode = _engine_decode(OnnxBackend(bundle), bundle.tokenizer, args)
+    return _rows(decode, bundle.config, args.repeats, args)
 
 
 def _torch(model: Path, cached: bool, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
     from seq2serve.model.backend import TorchBackend
     from seq2serve.model.cache import KVCache
     from seq2serve.model.checkpoint import load_model
@@ -107,12 +128,6 @@ def _torch(model: Path, cached: bool, args: argparse.Namespace) -> dict[str, Any
         torch.set_num_threads(args.threads)
     net, tokenizer = load_model(model)
     mc = net.cfg
-    backend = TorchBackend(net)
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-
-    def with_cache(src: list[list[int]]) -> None:
-        batch = DecodeBatch(backend, tokenizer)
-        run_to_completion(batch, [batch.new_sequence(s, params) for s in src])
 
     @torch.inference_mode()
     def recomputing(src: list[list[int]]) -> None:
@@ -134,13 +149,9 @@ def _torch(model: Path, cached: bool, args: argparse.Namespace) -> dict[str, Any
             )
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
 
-    run = with_cache if cached else recomputing
-    repeats = args.repeats if cached else max(1, args.repeats // 2)
-    rows = {}
-    for b in args.batch_sizes:
-        src = sources(mc.vocab_size, b, args.source_tokens, mc.eos_token_id)
-        rows[str(b)] = figures(median_time(partial(run, src), repeats), b, args.new_tokens)
-    return {"rows": rows, **memory()}
+    if cached:
+        return _rows(_engine_decode(TorchBackend(net), tokenizer, args), mc, args.repeats, args)
+    return _rows(recomputing, mc, max(1, args.repeats // 2), args)
 
 
 def _peer(engine: str, args: argparse.Namespace) -> dict[str, Any]:

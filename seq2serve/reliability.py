@@ -59,6 +59,7 @@ from tokenizers import Tokenizer
 
 from seq2serve import contract
 from seq2serve.bench import free_port, serve_command, start_server, stop_server
+from seq2serve.bench_engines import proc_status, status_mb
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "models" / "default"
@@ -187,13 +188,9 @@ class ProcSample:
 
 def sample_process(pid: int) -> ProcSample:
     """Resident memory, threads and open file descriptors of a process, from /proc."""
-    fields: dict[str, str] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    rss_kb = int(fields["VmRSS"].split()[0])
+    fields = proc_status(pid)
     return ProcSample(
-        rss_mb=round(rss_kb / 1024, 1),
+        rss_mb=round(status_mb(fields, "VmRSS"), 1),
         threads=int(fields["Threads"]),
         fds=len(os.listdir(f"/proc/{pid}/fd")),
     )
