@@ -90,17 +90,19 @@ def tied_head(decoder: onnx.ModelProto, embedding: str) -> tuple[str, np.ndarray
     raise ValueError(f"no int8 LM head over {embedding} in the decoder graph")
 
 
-def _lookup_nodes(gather: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Nodes that replace ``Gather(E, ids)`` by an int8 lookup: rows times their scales."""
+def _int8_lookup(gather: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.TensorProto]:
+    """Nodes that replace ``Gather(E, ids)`` by an int8 lookup, rows times their scales, and
+    the initializer they need."""
     ids, out = gather.input[1], gather.output[0]
     p = out + ".int8"
-    return [
+    nodes = [
         helper.make_node("Gather", [EMBED_INT8, ids], [p + ".rows"], axis=0),  # (B, T, C)
         helper.make_node("Cast", [p + ".rows"], [p + ".float"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Gather", [EMBED_SCALE, ids], [p + ".scale"], axis=0),  # (B, T)
         helper.make_node("Unsqueeze", [p + ".scale", p + ".axis"], [p + ".scale3"]),
         helper.make_node("Mul", [p + ".float", p + ".scale3"], [out]),  # (B, T, C)
     ]
+    return nodes, numpy_helper.from_array(np.array([-1]), p + ".axis")
 
 
 def tie_int8_embedding(graphs: dict[str, onnx.ModelProto], decoder_file: str) -> None:
@@ -129,9 +131,9 @@ def tie_int8_embedding(graphs: dict[str, onnx.ModelProto], decoder_file: str) ->
         nodes: list[onnx.NodeProto] = []
         for node in graph.node:
             if node in lookups:
-                nodes += _lookup_nodes(node)
-                axis = node.output[0] + ".int8.axis"
-                graph.initializer.append(numpy_helper.from_array(np.array([-1]), axis))
+                lookup, axis = _int8_lookup(node)
+                nodes += lookup
+                graph.initializer.append(axis)
             else:
                 nodes.append(node)
         if name == decoder_file:
