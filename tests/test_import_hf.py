@@ -119,36 +119,12 @@ def build_marian(out: Path) -> Path:
             hard_vocab_limit=False,  # the generated text is small: take what it has
             minloglevel=2,
         )
-    from seq2serve.hf.reference import shared_pieces
+    from seq2serve.hf.reference import marian_config, shared_pieces
 
     models = [work / "source.model", work / "target.model"]
     pieces = shared_pieces(models, ["</s>", "<unk>", ">>fr<<", ">>de<<"])
-    pieces.append("<pad>")  # last, as in opus-mt
-    vocab = {p: i for i, p in enumerate(pieces)}
-    (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    tok = transformers.MarianTokenizer(
-        str(work / "source.model"), str(work / "target.model"), str(work / "vocab.json")
-    )
     hf_dir = out / "marian"
-    tok.save_pretrained(str(hf_dir))
-    pad = vocab["<pad>"]
-    cfg = transformers.MarianConfig(
-        vocab_size=len(vocab),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        activation_function="swish",
-        scale_embedding=True,
-        pad_token_id=pad,
-        eos_token_id=0,
-        decoder_start_token_id=pad,
-        **GENERATION,
-    )
+    cfg = marian_config(work, hf_dir, pieces, 32, 2, 4, 64, max_positions=64)
     torch.manual_seed(0)
     model = transformers.MarianMTModel(cfg).eval()
     randomize(model, seed=1)

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 VOCAB_SIZE = 58101  # opus-mt-en-de's
 SEED = 0
@@ -73,16 +74,38 @@ def build_hf(
     pieces = shared_pieces([work / "source.model", work / "target.model"], ["</s>", "<unk>"])
     # Filler pieces bring the vocabulary (and the embedding, the LM head) to opus-mt's size.
     pieces += [f"\u2581w{i}" for i in range(VOCAB_SIZE - 1 - len(pieces))]
-    pieces.append("<pad>")  # last, as in opus-mt
-    vocab = {p: i for i, p in enumerate(pieces)}
-    (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     hf = out / "hf"
+    cfg = marian_config(work, hf, pieces, d_model, layers, heads, ffn, max_positions=512)
+    torch.manual_seed(SEED)
+    transformers.MarianMTModel(cfg).eval().save_pretrained(str(hf))
+    return hf
+
+
+def marian_config(
+    work: Path,
+    hf: Path,
+    pieces: list[str],
+    d_model: int,
+    layers: int,
+    heads: int,
+    ffn: int,
+    max_positions: int,
+) -> Any:
+    """Write a Marian-style ``vocab.json`` (``pieces``, then ``<pad>`` last, as in opus-mt)
+    beside the SentencePiece models ``work/source.model`` and ``work/target.model``, save
+    their ``MarianTokenizer`` to ``hf``, and return the config of an opus-mt-style MarianMT
+    over them (swish, scaled embeddings, EOS 0, decoding starts at pad) that generates plain
+    greedy, nothing forced, as seq2serve's engine decodes."""
+    import transformers
+
+    vocab = {p: i for i, p in enumerate([*pieces, "<pad>"])}
+    (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     transformers.MarianTokenizer(
         str(work / "source.model"), str(work / "target.model"), str(work / "vocab.json")
     ).save_pretrained(str(hf))
     pad = vocab["<pad>"]
-    cfg = transformers.MarianConfig(
-        vocab_size=VOCAB_SIZE,
+    return transformers.MarianConfig(
+        vocab_size=len(vocab),
         d_model=d_model,
         encoder_layers=layers,
         decoder_layers=layers,
@@ -90,19 +113,17 @@ def build_hf(
         decoder_attention_heads=heads,
         encoder_ffn_dim=ffn,
         decoder_ffn_dim=ffn,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         activation_function="swish",
         scale_embedding=True,
         pad_token_id=pad,
         eos_token_id=0,
         decoder_start_token_id=pad,
+        forced_bos_token_id=None,
         forced_eos_token_id=None,
         bad_words_ids=None,
         num_beams=1,
     )
-    torch.manual_seed(SEED)
-    transformers.MarianMTModel(cfg).eval().save_pretrained(str(hf))
-    return hf
 
 
 def build(out: Path, **dims: int) -> Path:
