@@ -68,6 +68,7 @@ class BenchConfig:
     new_tokens: int = 64
     repeats: int = 5
     threads: int | None = None
+    device: str = "cpu"  # cuda: torch rows on the GPU, onnx with CUDA's execution provider
     long_steps: int = 256
     server_clients: int = 16
     server_seconds: float = 15.0
@@ -181,6 +182,7 @@ def decode_rows(
         "new_tokens": cfg.new_tokens,
         "repeats": cfg.repeats,
         "threads": cfg.threads,
+        "device": cfg.device,
     }
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="seq2serve-bench-") as tmp:
@@ -624,7 +626,7 @@ def bench_serving(
     cfg: BenchConfig, quantized: bool, progress: Progress, compare_batch_1: bool
 ) -> dict[str, Any]:
     name = "int8" if quantized else "fp32"
-    bundle = load_bundle(cfg.model, quantized=quantized, threads=cfg.threads)
+    bundle = load_bundle(cfg.model, quantized=quantized, device=cfg.device, threads=cfg.threads)
     backend = OnnxBackend(bundle)
     clients = cfg.server_clients
     texts = serving_texts(bundle.tokenizer, bundle.config, clients, cfg.source_tokens)
@@ -636,6 +638,8 @@ def bench_serving(
     }
     if cfg.threads:
         env["SEQ2SERVE_NUM_THREADS"] = str(cfg.threads)
+    if cfg.device != "cpu":
+        env["SEQ2SERVE_DEVICE"] = cfg.device
     engine: list[dict[str, float]] = []
     single: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []  # staggered arrivals
@@ -824,7 +828,7 @@ def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
     bandwidth: list[float] = []
     results["decode"] = decode_rows(cfg, progress, bandwidth) if cfg.decode else {}
     progress("floor: bytes per step and the machine's read bandwidth")
-    bundle = load_bundle(cfg.model, threads=cfg.threads)
+    bundle = load_bundle(cfg.model, device=cfg.device, threads=cfg.threads)
     threads = cfg.threads or os.cpu_count() or 1
     bandwidth.append(read_bandwidth(threads))
     floor: dict[str, Any] = {
@@ -845,7 +849,7 @@ def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
         name = "onnx int8" if quantized else "onnx fp32"
         progress(f"step cost: step 16 vs step {cfg.long_steps} ({name})")
         b = (
-            load_bundle(cfg.model, quantized=quantized, threads=cfg.threads)
+            load_bundle(cfg.model, quantized=quantized, device=cfg.device, threads=cfg.threads)
             if quantized
             else bundle
         )
@@ -873,7 +877,13 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "Decode: greedy, EOS ignored, encoder included; each engine in its own process "
         f"({results['config']['source_tokens']}-token sources, "
-        f"{results['config']['new_tokens']} new tokens)",
+        f"{results['config']['new_tokens']} new tokens"
+        + (
+            ", on " + results["config"]["device"]
+            if results["config"].get("device", "cpu") != "cpu"
+            else ""
+        )
+        + ")",
         "",
         "| engine | "
         + " | ".join(f"batch {b}: ms/step | batch {b}: tokens/s" for b in batch_sizes)

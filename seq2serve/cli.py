@@ -112,6 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         threads=args.threads,
+        device=args.device,
         server_clients=args.clients,
         server_seconds=args.seconds,
         server=not args.no_server,
@@ -200,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the torch rows on the GPU, onnx on CUDA's execution provider (default cpu)",
+    )
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
     p.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
     p.add_argument("--no-server", action="store_true", help="skip the serving runs")

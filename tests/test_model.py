@@ -158,14 +158,14 @@ def decode_stepwise(model, src, src_mask, tgt, prefill: int = 1):
     b, t = tgt.shape
     hidden = model.encode(src, src_mask)
     cross = model.cross_kv(hidden)
-    cache = KVCache.empty(model.cfg, b)
+    cache = KVCache.empty(model.cfg, b, device=tgt.device)
     out, start = [], 0
     for stop in [prefill, *range(prefill + 1, t + 1)]:
-        positions = torch.arange(start, stop).expand(b, -1)
+        positions = torch.arange(start, stop, device=tgt.device).expand(b, -1)
         logits = model.decode(
             tgt[:, start:stop],
             positions,
-            torch.ones(b, stop, dtype=torch.long),
+            torch.ones(b, stop, dtype=torch.long, device=tgt.device),
             cache,
             cross,
             src_mask,
