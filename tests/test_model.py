@@ -88,6 +88,19 @@ def test_mask_shapes_and_convention():
     assert c.tolist() == [[False, True, True, False], [False, True, True, True]]
 
 
+@settings(max_examples=60, deadline=None)
+@given(bits=st.lists(st.integers(0, 1), min_size=1, max_size=12), data=st.data())
+def test_causal_mask_is_real_keys_up_to_the_query_and_never_an_empty_row(bits, data):
+    new = data.draw(st.integers(1, len(bits)))
+    mask = torch.tensor([bits])
+    c = causal_mask(mask, new)[0, 0]
+    past = len(bits) - new
+    for j in range(new):
+        want = [bool(bits[k]) and k <= past + j for k in range(len(bits))]
+        # A query with no real key up to its place sees every key (softmax stays finite).
+        assert c[j].tolist() == (want if any(want) else [True] * len(bits))
+
+
 @settings(max_examples=25, deadline=None)
 @given(k=st.integers(0, 7), new_token=st.integers(4, VOCAB - 1), seed=st.integers(0, 10_000))
 def test_decoder_position_sees_only_the_past(model, k, new_token, seed):

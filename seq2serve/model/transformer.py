@@ -37,18 +37,19 @@ def causal_mask(decoder_attention_mask: Tensor, num_new: int) -> Tensor:
     """(B, P + T) ints, 1 = real cached or new token -> (B, 1, T, P + T).
 
     New token j (absolute place P + j) sees real keys at places <= P + j, never after: the
-    triangle. It always sees itself, so a padded query row never has every key masked (which
-    would make softmax NaN); a real query's own key is real anyway, so this changes nothing
-    for real tokens.
+    triangle. A query row with no key to see (a padded query over an all-padding row) sees
+    every key instead of none, which would make softmax NaN; its output is never read. Real
+    queries are untouched: their own key is real. (Not "always see itself": in a cache
+    buffer wider than the tokens written so far, the last column need not be the query's.)
     """
     total = decoder_attention_mask.shape[1]
     past = total - num_new
     query_place = torch.arange(num_new, device=decoder_attention_mask.device)[:, None] + past
     key_place = torch.arange(total, device=decoder_attention_mask.device)[None, :]
     triangle = key_place <= query_place  # (T, P + T)
-    itself = key_place == query_place
     real = decoder_attention_mask.bool()[:, None, None, :]  # (B, 1, 1, P + T)
-    return (real & triangle) | itself
+    allowed = real & triangle
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------
