@@ -44,7 +44,7 @@ bench: $(DEV_STAMP)
 # CTranslate2 on the same weights.
 .PHONY: bench-reference
 bench-reference: $(DEV_STAMP)
-	test -d bench-results/reference/bundle || \
+	test -f bench-results/reference/bundle/decoder_step.onnx || \
 		$(BIN)/python -m seq2serve.hf.reference --out bench-results/reference
 	$(BIN)/seq2serve bench --model bench-results/reference/bundle \
 		--json bench-results/reference.json

@@ -24,6 +24,9 @@ DECODER_FILE = "decoder.onnx"
 # Both graphs keep their weights in one shared external-data file, so the token embedding
 # (used by the encoder, the decoder and the tied LM head) is stored once.
 ONNX_DATA_FILE = "model.onnx.data"
+# The decoder for steps over a cache buffer written in place (optional: bundles without it
+# decode with decoder.onnx). Its weights are decoder.onnx's, in the same data file.
+DECODER_STEP_FILE = "decoder_step.onnx"
 INT8_SUFFIX = ".int8"
 # Where `seq2serve import-hf` found a model (benchmarks run the original on the same weights).
 HF_SOURCE_FILE = "hf_source.json"
@@ -34,6 +37,8 @@ SOURCE = "encoder_sequence_length"
 TARGET = "decoder_sequence_length"
 PAST = "past_decoder_sequence_length"
 TOTAL = "past_decoder_sequence_length + decoder_sequence_length"
+CAPACITY = "cache_capacity"
+WRITE_INDICES = "write_indices"
 
 Dim = str | int
 
@@ -100,11 +105,40 @@ def decoder_outputs(cfg: ModelConfig) -> list[TensorSpec]:
     return out
 
 
+def decoder_step_inputs(cfg: ModelConfig) -> list[TensorSpec]:
+    """``decoder.onnx``'s inputs over a cache buffer of any capacity, and where to write.
+
+    One new token per row (``decoder_sequence_length`` 1): its keys/values are written into
+    column ``write_indices[b]`` of row b's buffer, and ``decoder_attention_mask`` (1 = a real
+    token, the new one included; 0 after it) covers the whole buffer. Bind each
+    ``present.*.decoder.*`` output to the same memory as its ``past_key_values`` input and
+    the step copies nothing (onnxruntime's TensorScatter, opset 24); unbound, the present is
+    the updated copy of the buffer.
+    """
+    out = []
+    for spec in decoder_inputs(cfg):
+        if spec.name == "decoder_attention_mask":
+            spec = TensorSpec(spec.name, spec.dtype, (BATCH, CAPACITY))
+        elif spec.name.endswith((".decoder.key", ".decoder.value")):
+            spec = TensorSpec(spec.name, spec.dtype, (BATCH, cfg.n_heads, CAPACITY, cfg.head_dim))
+        out.append(spec)
+    return [*out, TensorSpec(WRITE_INDICES, "int64", (BATCH,))]
+
+
+def decoder_step_outputs(cfg: ModelConfig) -> list[TensorSpec]:
+    buffer = (BATCH, cfg.n_heads, CAPACITY, cfg.head_dim)
+    return [
+        spec if spec.name == "logits" else TensorSpec(spec.name, spec.dtype, buffer)
+        for spec in decoder_outputs(cfg)
+    ]
+
+
 def graph_specs(cfg: ModelConfig) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
     """File name -> (inputs, outputs)."""
     return {
         ENCODER_FILE: (encoder_inputs(), encoder_outputs(cfg)),
         DECODER_FILE: (decoder_inputs(cfg), decoder_outputs(cfg)),
+        DECODER_STEP_FILE: (decoder_step_inputs(cfg), decoder_step_outputs(cfg)),
     }
 
 

@@ -41,6 +41,10 @@ class SlowBackend(OnnxBackend):
         time.sleep(self.delay_s)
         return super().decode(*args, **kwargs)
 
+    def step_in_place(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.delay_s)
+        return super().step_in_place(*args, **kwargs)
+
 
 def slow_engine(
     bundle_dir: Path, settings: Settings, delay_s: float, registry: CollectorRegistry

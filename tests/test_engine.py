@@ -3,10 +3,15 @@ equal to alone, cancellation, sampling, beam search and stop strings."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from seq2serve import contract
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import (
     FINISH_EOS,
@@ -270,3 +275,86 @@ def test_onnxruntime_log_softmax_equals_numpys(rows):
     assert got.shape == logits.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, log_softmax(logits.astype(np.float64)), rtol=1e-5, atol=1e-4)
     assert got.max() <= 1e-6
+
+
+# -- steps over cache buffers written in place ---------------------------------------------
+
+
+def _without_step_graph(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` as exported before decoder_step.onnx existed."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / contract.MANIFEST_FILE).read_text())
+    for quantized in (False, True):
+        name = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+        (out / name).unlink()
+        del manifest["files"][name]
+    (out / contract.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def copying_engine(tiny_bundle, tmp_path_factory):
+    bundle = load_bundle(_without_step_graph(tiny_bundle, tmp_path_factory.mktemp("old") / "b"))
+    backend = OnnxBackend(bundle)
+    assert bundle.step is None and not backend.steps_in_place
+    return backend, bundle.tokenizer
+
+
+def _traffic(engine) -> tuple[list, list[list[np.ndarray]], list[np.ndarray], set[int]]:
+    """Sequences joining every other step (one with a longer source), finishing at different
+    lengths: slots freed and reused, a slot compacted away, leading columns cut. Returns the
+    sequences, each step's cache and mask, and the ids of the buffers the steps wrote."""
+    backend, tok = engine
+    texts = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
+    lengths = [5, 14, 3, 9, 4, 11, 2, 6]
+    batch = DecodeBatch(backend, tok)
+    waiting = [
+        batch.new_sequence(source_ids(tok, t), SamplingParams(max_new_tokens=n, ignore_eos=True))
+        for t, n in zip(texts, lengths, strict=True)
+    ]
+    seqs, caches, masks, buffers, step = list(waiting), [], [], set(), 0
+    while len(batch) or waiting:
+        if waiting and step % 2 == 0:
+            batch.add([waiting.pop(0)])
+        batch.step()
+        caches.append([a.copy() for a in batch.past])
+        masks.append(batch.dec_mask.copy())
+        buffers.update(id(b) for b in batch._buffers)
+        step += 1
+    return seqs, caches, masks, buffers
+
+
+def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
+    backend, _ = engine
+    assert backend.steps_in_place
+    seqs, caches, masks, buffers = _traffic(engine)
+    seqs_c, caches_c, masks_c, _ = _traffic(copying_engine)
+    for seq, other in zip(seqs, seqs_c, strict=True):
+        assert seq.generated == other.generated
+        np.testing.assert_allclose(seq.logprobs, other.logprobs, atol=1e-5)
+    assert len(caches) == len(caches_c)
+    for step, (a, b) in enumerate(zip(caches, caches_c, strict=True)):
+        np.testing.assert_array_equal(masks[step], masks_c[step])
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"step {step}")
+    # The steps wrote into buffers they kept: new ones only when rows were appended or
+    # compacted, columns cut, or a buffer filled up, not one per step.
+    assert len(buffers) <= len(caches) // 2 * len(caches[0]), (len(buffers), len(caches))
+
+
+def test_a_step_writes_its_column_into_the_buffer_it_was_given(engine):
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    batch.add([batch.new_sequence(source_ids(tok, s), params) for s in SOURCES[:3]])
+    batch.step()
+    kept = list(batch._buffers)
+    for _ in range(5):
+        before = [b.copy() for b in kept]
+        width = batch.dec_mask.shape[1]
+        batch.step()
+        assert [id(b) for b in batch._buffers] == [id(b) for b in kept]
+        for buffer, old, past in zip(kept, before, batch.past, strict=True):
+            assert past.base is buffer  # the batch's cache is the buffer's leading columns
+            np.testing.assert_array_equal(buffer[:, :, :width], old[:, :, :width])
+            assert not np.array_equal(buffer[:, :, width], old[:, :, width])  # written here

@@ -57,9 +57,12 @@ def test_parity_with_pytorch(tiny_bundle):
         figures = verify_parity(model, tiny_bundle, seed=seed)
         for name, value in figures.items():
             assert value <= 1e-4, (name, value)
-        assert {"decoder_prefill_logits", "decoder_step_logits", "decoder_ragged_logits"} <= set(
-            figures
-        )
+        assert {
+            "decoder_prefill_logits",
+            "decoder_step_logits",
+            "decoder_step_in_place_logits",
+            "decoder_ragged_logits",
+        } <= set(figures)
 
 
 def _decoder_logits(backend, src, tgt):
@@ -101,8 +104,18 @@ def test_masks_hold_in_the_exported_graphs(tiny_bundle, k):
     np.testing.assert_allclose(backend.encode(padded, mask).last_hidden_state[:, :6], e1, atol=1e-5)
 
 
+def _external_places(path: Path) -> set[tuple[str, int, int]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    places = set()
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            places.add((info["location"], int(info["offset"]), int(info["length"])))
+    return places
+
+
 def test_no_weight_is_stored_twice(tiny_bundle):
-    """Sum the bytes of every initializer both graphs reference, once per stored place, and
+    """Sum the bytes of every initializer the graphs reference, once per stored place, and
     compare with the model's parameters: the shared token embedding is stored once."""
     model, _ = load_model(tiny_bundle)
     param_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied embedding counted once
@@ -119,6 +132,15 @@ def test_no_weight_is_stored_twice(tiny_bundle):
                     stored_bytes += int(info["length"])
             else:
                 inline_bytes += len(init.raw_data)
+    # The step graph reads the decoder's weights where the decoder reads them.
+    for quantized in (False, True):
+        decoder = _external_places(
+            tiny_bundle / contract.onnx_file(contract.DECODER_FILE, quantized)
+        )
+        step = _external_places(
+            tiny_bundle / contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+        )
+        assert step and step <= decoder
     assert stored_bytes + inline_bytes <= param_bytes * 1.05 + 64 * 1024, (
         stored_bytes,
         inline_bytes,

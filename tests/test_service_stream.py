@@ -265,12 +265,19 @@ class FailingBackend(OnnxBackend):
 
     fail_after: int | None = None
 
-    def decode(self, *args: Any, **kwargs: Any) -> DecoderResult:
+    def _count(self) -> None:
         if self.fail_after is not None:
             if self.fail_after <= 0:
                 raise RuntimeError("simulated device failure")
             self.fail_after -= 1
+
+    def decode(self, *args: Any, **kwargs: Any) -> DecoderResult:
+        self._count()
         return super().decode(*args, **kwargs)
+
+    def step_in_place(self, *args: Any, **kwargs: Any) -> Any:
+        self._count()
+        return super().step_in_place(*args, **kwargs)
 
 
 def test_error_after_the_stream_opened(tiny_bundle):

@@ -38,6 +38,9 @@ class Bundle:
     decoder: ort.InferenceSession
     quantized: bool
     provider: str  # the execution provider actually in use
+    # decoder_step.onnx: decode steps over cache buffers written in place (None: a bundle
+    # exported before it existed; steps then run decoder.onnx)
+    step: ort.InferenceSession | None = None
 
     @property
     def model_id(self) -> str:
@@ -199,8 +202,13 @@ def load_bundle(
         )
 
     providers = providers_for(device)
+    files = [encoder_file, decoder_file]
+    step_file = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+    if step_file in manifest["files"]:
+        verify_files(path, manifest, [step_file])
+        files.append(step_file)
     sessions = {}
-    for file in (encoder_file, decoder_file):
+    for file in files:
         try:
             sessions[file] = ort.InferenceSession(
                 str(path / file), sess_options=session_options(threads), providers=providers
@@ -209,7 +217,9 @@ def load_bundle(
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
     problems = []
     for file, (inputs, outputs) in contract.graph_specs(config).items():
-        session = sessions[contract.onnx_file(file, quantized)]
+        session = sessions.get(contract.onnx_file(file, quantized))
+        if session is None:
+            continue
         # The full path, first in the message: the one line `seq2serve serve` prints names it.
         name = str(path / contract.onnx_file(file, quantized))
         problems += contract.check_io(name, inputs, _graph_io(session, False), "inputs")
@@ -235,4 +245,5 @@ def load_bundle(
         decoder=sessions[decoder_file],
         quantized=quantized,
         provider=provider,
+        step=sessions.get(step_file),
     )

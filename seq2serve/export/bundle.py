@@ -26,7 +26,7 @@ from seq2serve import contract
 from seq2serve.atomic import atomic_directory
 from seq2serve.data.files import HELDOUT_FILE, read_heldout
 from seq2serve.engine.bundle import sha256_file
-from seq2serve.export.graphs import OPSET, export_graphs
+from seq2serve.export.graphs import OPSET, export_graphs, step_graph
 from seq2serve.export.quantize import quantize_int8, tie_int8_embedding
 from seq2serve.model.checkpoint import load_model
 
@@ -161,6 +161,8 @@ def export_bundle(
             tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
+        for graphs in variants.values():
+            graphs[contract.DECODER_STEP_FILE] = step_graph(graphs[contract.DECODER_FILE])
         sizes = {}
         for quantized, graphs in variants.items():
             data_file = tmp / contract.onnx_data_file(quantized)

@@ -23,6 +23,7 @@ from seq2serve.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 OPSET = 23
+STEP_OPSET = 24  # TensorScatter, the in-place cache write of decoder_step.onnx
 
 
 class EncoderGraph(nn.Module):
@@ -149,6 +150,52 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
         proto = program.model_proto
         _name_axes(proto, inputs, outputs)
         onnx.save_model(proto, str(out_dir / file))
+
+
+def step_graph(decoder: onnx.ModelProto) -> onnx.ModelProto:
+    """``decoder_step.onnx`` from ``decoder.onnx``: each ``Concat(past, new)`` of the
+    self-attention cache becomes ``TensorScatter(past, new, write_indices)``, which writes the
+    new column into the buffer instead of copying the past into a wider one (see
+    ``contract.decoder_step_inputs``). Everything else, weights included, is the decoder's.
+
+    The causal mask stays right over a buffer wider than the tokens written so far: for one
+    new token its triangle covers the whole buffer, and the mask input hides the columns
+    after the new one (``model.transformer.causal_mask``).
+    """
+    proto = onnx.ModelProto()
+    proto.CopyFrom(decoder)
+    graph = proto.graph
+    past = {
+        v.name
+        for v in graph.input
+        if v.name.startswith("past_key_values.") and ".decoder." in v.name
+    }
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type == "Concat" and node.input[0] in past:
+            (axis,) = [a.i for a in node.attribute if a.name == "axis"]
+            node.op_type = "TensorScatter"
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("axis", axis))
+            node.input.append(contract.WRITE_INDICES)
+            rewritten += 1
+    if rewritten != len(past):
+        raise ValueError(f"{rewritten} cache Concat nodes for {len(past)} cache inputs")
+    graph.input.append(
+        onnx.helper.make_tensor_value_info(
+            contract.WRITE_INDICES, onnx.TensorProto.INT64, [contract.BATCH]
+        )
+    )
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = STEP_OPSET
+    for value in [*graph.input, *graph.output]:
+        name = value.name
+        axis = 1 if name == "decoder_attention_mask" else 2
+        if name == "decoder_attention_mask" or name.endswith((".decoder.key", ".decoder.value")):
+            value.type.tensor_type.shape.dim[axis].dim_param = contract.CAPACITY
+    del graph.value_info[:]  # shapes inferred for the Concat outputs no longer hold
+    return proto
 
 
 def _name_axes(

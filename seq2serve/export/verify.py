@@ -2,7 +2,8 @@
 
 Random inputs with padding; every figure is a max absolute difference:
 encoder outputs and cross K/V, decoder logits for a prefill, for step-by-step decoding with
-past, and for a batch whose rows hold different numbers of real tokens.
+past (and with ``decoder_step.onnx`` over cache buffers written in place), and for a batch
+whose rows hold different numbers of real tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +80,38 @@ def verify_parity(
         past = out.present
         worst = max(worst, _max_diff(out.logits, reference[:, start:stop]))
     figures["decoder_step_logits"] = worst
+
+    # decoder_step.onnx: the same steps over buffers with room to spare, written in place.
+    if backend.bundle.step is not None:
+        first = backend.decode(
+            tgt[:, :3].numpy(),
+            positions[:, :3].numpy(),
+            dec_mask[:, :3].numpy(),
+            src_mask.numpy(),
+            empty,
+            enc.cross,
+        )
+        capacity = t + 4
+        buffers = []
+        for present in first.present:
+            buffer = np.zeros((b, cfg.n_heads, capacity, cfg.head_dim), np.float32)
+            buffer[:, :, :3] = present
+            buffers.append(buffer)
+        worst = 0.0
+        for i in range(3, t):
+            mask = np.zeros((b, capacity), np.int64)
+            mask[:, : i + 1] = 1
+            logits = backend.step_in_place(
+                tgt[:, i : i + 1].numpy(),
+                positions[:, i : i + 1].numpy(),
+                mask,
+                src_mask.numpy(),
+                buffers,
+                enc.cross,
+                i,
+            )
+            worst = max(worst, _max_diff(logits, reference[:, i : i + 1]))
+        figures["decoder_step_in_place_logits"] = worst
 
     # Ragged rows: row 1 joined 2 steps late (two masked holes), row 2 is right-padded.
     ragged_mask = dec_mask.clone()
