@@ -40,6 +40,17 @@ pytestmark = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 
 
 @pytest.fixture(scope="module")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """fp32 graphs only: int8 is a CPU format (the engine warns when it is asked for under
+    CUDA), and its export needs nothing from a GPU machine."""
+    from seq2serve.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle-fp32") / "tiny"
+    export_bundle(tiny_checkpoint, out, verify=True)
+    return out
+
+
+@pytest.fixture(scope="module")
 def engine(tiny_bundle):
     backend = TorchBackend.from_bundle(tiny_bundle, "cuda")
     assert next(backend.model.parameters()).is_cuda

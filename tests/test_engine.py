@@ -358,3 +358,44 @@ def test_a_step_writes_its_column_into_the_buffer_it_was_given(engine):
             assert past.base is buffer  # the batch's cache is the buffer's leading columns
             np.testing.assert_array_equal(buffer[:, :, :width], old[:, :, :width])
             assert not np.array_equal(buffer[:, :, width], old[:, :, width])  # written here
+
+
+def test_generation_runs_on_the_step_graph_alone(tiny_bundle):
+    """With decoder_step.onnx, first tokens, steps and beam search never open decoder.onnx
+    (a second session would hold a second packed copy of the decoder's weights); a call of
+    several new tokens a row opens it, and agrees."""
+    bundle = load_bundle(tiny_bundle)
+    backend = OnnxBackend(bundle)
+    batch = DecodeBatch(backend, bundle.tokenizer)
+    params = SamplingParams(max_new_tokens=8)
+    run_to_completion(
+        batch, [batch.new_sequence(source_ids(bundle.tokenizer, s), params) for s in SOURCES]
+    )
+    ids = source_ids(bundle.tokenizer, SOURCES[0])
+    beam_search(backend, bundle.tokenizer, ids, SamplingParams(max_new_tokens=6, num_beams=3))
+    assert bundle.open_decoder.cache_info().currsize == 0  # type: ignore[attr-defined]
+
+    cfg = bundle.config
+    src = np.asarray([ids])
+    cross = backend.encode(src, np.ones_like(src)).cross
+    empty = [np.zeros((1, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.n_decoder_layers)
+    tokens = np.asarray([[cfg.decoder_start_token_id, 40, 41]])
+    positions = np.arange(3)[None]
+    both = backend.decode(
+        tokens, positions, np.ones((1, 3), np.int64), np.ones_like(src), empty, cross
+    )
+    assert bundle.open_decoder.cache_info().currsize == 1  # type: ignore[attr-defined]
+    past = empty
+    for i in range(3):  # the same tokens one at a time, through the step graph
+        one = backend.decode(
+            tokens[:, i : i + 1],
+            positions[:, i : i + 1],
+            np.ones((1, i + 1), np.int64),
+            np.ones_like(src),
+            past,
+            cross,
+        )
+        np.testing.assert_allclose(one.logits[:, 0], both.logits[:, i], atol=1e-5)
+        past = one.present
+    for a, b in zip(past, both.present, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

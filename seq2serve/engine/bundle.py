@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,17 @@ class Bundle:
     tokenizer: Tokenizer
     manifest: dict[str, Any]
     encoder: ort.InferenceSession
-    decoder: ort.InferenceSession
+    open_decoder: Callable[[], ort.InferenceSession]  # decoder.onnx, opened once, when needed
     quantized: bool
     provider: str  # the execution provider actually in use
-    # decoder_step.onnx: decode steps over cache buffers written in place (None: a bundle
-    # exported before it existed; steps then run decoder.onnx)
+    # decoder_step.onnx: every call of one new token a row, decode steps over cache buffers
+    # written in place among them (None: a bundle exported before it existed, or CUDA;
+    # then decoder.onnx serves every call)
     step: ort.InferenceSession | None = None
+
+    @property
+    def decoder(self) -> ort.InferenceSession:
+        return self.open_decoder()
 
     @property
     def model_id(self) -> str:
@@ -202,31 +209,43 @@ def load_bundle(
         )
 
     providers = providers_for(device)
-    files = [encoder_file, decoder_file]
-    step_file = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
-    if step_file in manifest["files"]:
-        verify_files(path, manifest, [step_file])
-        files.append(step_file)
-    sessions = {}
-    for file in files:
+    specs = contract.graph_specs(config)
+
+    def session(file: str, check_only: bool = False) -> ort.InferenceSession:
+        """``file``'s session, its inputs and outputs checked against the contract
+        (``check_only``: a session for that check alone, unoptimized and unpacked)."""
+        options = session_options(threads)
+        if check_only:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            sessions[file] = ort.InferenceSession(
-                str(path / file), sess_options=session_options(threads), providers=providers
-            )
+            made = ort.InferenceSession(str(path / file), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
-    problems = []
-    for file, (inputs, outputs) in contract.graph_specs(config).items():
-        session = sessions.get(contract.onnx_file(file, quantized))
-        if session is None:
-            continue
+        inputs, outputs = specs[file.replace(contract.INT8_SUFFIX, "")]
         # The full path, first in the message: the one line `seq2serve serve` prints names it.
-        name = str(path / contract.onnx_file(file, quantized))
-        problems += contract.check_io(name, inputs, _graph_io(session, False), "inputs")
-        problems += contract.check_io(name, outputs, _graph_io(session, True), "outputs")
-    if problems:
-        raise BundleError("; ".join(problems) + " (the graphs do not match the contract)")
-    provider = sessions[encoder_file].get_providers()[0]
+        name = str(path / file)
+        problems = contract.check_io(name, inputs, _graph_io(made, False), "inputs")
+        problems += contract.check_io(name, outputs, _graph_io(made, True), "outputs")
+        if problems:
+            raise BundleError("; ".join(problems) + " (the graphs do not match the contract)")
+        return made
+
+    encoder = session(encoder_file)
+    step_file = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+    step = None
+    if step_file in manifest["files"] and providers[0] == "CPUExecutionProvider":
+        verify_files(path, manifest, [step_file])
+        step = session(step_file)
+    # With the step graph, decoder.onnx serves only calls of several new tokens a row, which
+    # the engine never makes: it is opened on first use. Each session keeps its own packed
+    # copy of the weights (opus-mt-sized fp32: 290 MB more resident with both open).
+    decoder = cache(partial(session, decoder_file))
+    if step is None:
+        decoder()
+    else:  # refused now if it breaks the contract, not at its first use
+        session(decoder_file, check_only=True)
+    provider = encoder.get_providers()[0]
     if quantized and provider == "CUDAExecutionProvider":
         # onnxruntime has no CUDA kernels for the dynamic quantization ops: each int8 MatMul
         # runs on the CPU with copies to and from the GPU (98 copy nodes in the decoder).
@@ -241,9 +260,9 @@ def load_bundle(
         config=config,
         tokenizer=tokenizer,
         manifest=manifest,
-        encoder=sessions[encoder_file],
-        decoder=sessions[decoder_file],
+        encoder=encoder,
+        open_decoder=decoder,
         quantized=quantized,
         provider=provider,
-        step=sessions.get(step_file),
+        step=step,
     )
