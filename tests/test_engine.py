@@ -358,6 +358,10 @@ def test_a_step_writes_its_column_into_the_buffer_it_was_given(engine):
             assert past.base is buffer  # the batch's cache is the buffer's leading columns
             np.testing.assert_array_equal(buffer[:, :, :width], old[:, :, :width])
             assert not np.array_equal(buffer[:, :, width], old[:, :, width])  # written here
+    while len(batch):
+        batch.step()
+    # Idle: neither the batch nor the backend's kept binding holds a buffer.
+    assert batch._buffers == [] and backend._bound is None
 
 
 def test_generation_runs_on_the_step_graph_alone(tiny_bundle):

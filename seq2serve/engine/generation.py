@@ -346,6 +346,13 @@ class DecodeBatch:
             self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
             self.enc_mask = np.ascontiguousarray(self.enc_mask[:, :s])
         self._trim(0)
+        if self._buffers:
+            # The past is a copy now: let the buffers, and the backend's binding of them, go
+            # (an idle batch holds no cache).
+            self._buffers, self._views = [], None
+            release = getattr(self.backend, "release_step_binding", None)
+            if release is not None:
+                release()
 
     def _trim(self, at_least: int) -> None:
         """Cut leading cache columns no slot uses, when there are more than ``at_least``."""

@@ -118,6 +118,10 @@ class OnnxBackend:
         out = self.bundle.decoder.run(self._decoder_outputs, feeds)
         return DecoderResult(out[0], list(out[1:]))
 
+    def release_step_binding(self) -> None:
+        """Drop ``step_in_place``'s kept binding and the arrays it holds."""
+        self._bound = None
+
     def step_in_place(
         self,
         input_ids: np.ndarray,
