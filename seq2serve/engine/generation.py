@@ -197,6 +197,7 @@ class DecodeBatch:
         self.log_softmax = log_softmax_rows()
         self.slots: list[Sequence | None] = []  # None: a free slot
         self._free_since: dict[int, int] = {}  # free slot -> step it was freed at
+        self._columns_freed = False  # a row left since the last look for unused columns
         self._steps = 0
         n, h, d = self.config.n_decoder_layers, self.config.n_heads, self.config.head_dim
         self.cross = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
@@ -328,6 +329,7 @@ class DecodeBatch:
                 self.slots[i] = None
                 self.dec_mask[i] = 0  # a free slot holds no cache column in use
                 self._free_since[i] = self._steps
+                self._columns_freed = True
 
     def compact(self) -> None:
         """Drop the free slots, and the source columns no remaining row needs."""
@@ -368,8 +370,11 @@ class DecodeBatch:
         stale = any(self._steps - t >= REUSE_STEPS for t in self._free_since.values())
         if self._free_since and (stale or len(self) == 0):
             self.compact()
-        else:
+        elif self._columns_freed:
+            # Only a row leaving frees leading columns: the mask is scanned for them then,
+            # not every step (a scan that also waits for the GIL the event loop holds).
             self._trim(self.dec_mask.shape[1] // 4)
+        self._columns_freed = False
 
     # -- one step --------------------------------------------------------------------------
 
