@@ -360,8 +360,8 @@ def test_a_step_writes_its_column_into_the_buffer_it_was_given(engine):
             assert not np.array_equal(buffer[:, :, width], old[:, :, width])  # written here
     while len(batch):
         batch.step()
-    # Idle: neither the batch nor the backend's kept binding holds a buffer.
-    assert batch._buffers == [] and backend._bound is None
+    # Idle: neither the batch nor its binding to the step graph holds a buffer.
+    assert batch._buffers == [] and batch._binding is None
 
 
 def test_generation_runs_on_the_step_graph_alone(tiny_bundle):

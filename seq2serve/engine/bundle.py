@@ -209,7 +209,9 @@ def load_bundle(
         )
 
     providers = providers_for(device)
-    specs = contract.graph_specs(config)
+    specs = {
+        contract.onnx_file(file, quantized): io for file, io in contract.graph_specs(config).items()
+    }
 
     def session(file: str, check_only: bool = False) -> ort.InferenceSession:
         """``file``'s session, its inputs and outputs checked against the contract
@@ -222,7 +224,7 @@ def load_bundle(
             made = ort.InferenceSession(str(path / file), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
-        inputs, outputs = specs[file.replace(contract.INT8_SUFFIX, "")]
+        inputs, outputs = specs[file]
         # The full path, first in the message: the one line `seq2serve serve` prints names it.
         name = str(path / file)
         problems = contract.check_io(name, inputs, _graph_io(made, False), "inputs")

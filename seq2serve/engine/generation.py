@@ -31,14 +31,13 @@ Without it each step's decoder call returns a new, one column wider copy of the 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve.config import ModelConfig
-from seq2serve.engine.runtime import Backend, log_softmax_rows
+from seq2serve.engine.runtime import Backend, OnnxBackend, StepBinding, log_softmax_rows
 from seq2serve.engine.text import TextStream, special_token_ids
 
 FINISH_LENGTH = "length"
@@ -204,15 +203,15 @@ class DecodeBatch:
         self.enc_mask = np.zeros((0, 0), np.int64)
         self.past = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
         self.dec_mask = np.zeros((0, 0), np.int64)
-        # With a backend that steps in place, ``past[j]`` is the leading columns of
-        # ``_buffers[j]`` (B, H, capacity, D), and a step writes the next column.
-        self._step_in_place: Callable[..., np.ndarray] | None = (
-            getattr(backend, "step_in_place", None)
-            if getattr(backend, "steps_in_place", False)
-            else None
+        # With a backend that steps in place (``OnnxBackend.step_in_place``), ``past[j]`` is
+        # the leading columns of ``_buffers[j]`` (B, H, capacity, D), and a step writes the
+        # next column through ``_binding``.
+        self._in_place: OnnxBackend | None = (
+            backend if isinstance(backend, OnnxBackend) and backend.steps_in_place else None
         )
         self._buffers: list[np.ndarray] = []
         self._views: list[np.ndarray] | None = None  # the ``past`` list the buffers back
+        self._binding: StepBinding | None = None
 
     @property
     def rows(self) -> list[Sequence]:
@@ -314,7 +313,7 @@ class DecodeBatch:
             return out
 
         self.cross = [grown(a) for a in self.cross]
-        if self._step_in_place is not None:  # straight into buffers with room to grow
+        if self._in_place is not None:  # straight into buffers with room to grow
             self.past = self._buffered(self.past, b + n)
         else:
             self.past = [grown(a) for a in self.past]
@@ -348,13 +347,9 @@ class DecodeBatch:
             self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
             self.enc_mask = np.ascontiguousarray(self.enc_mask[:, :s])
         self._trim(0)
-        if self._buffers:
-            # The past is a copy now: let the buffers, and the backend's binding of them, go
-            # (an idle batch holds no cache).
-            self._buffers, self._views = [], None
-            release = getattr(self.backend, "release_step_binding", None)
-            if release is not None:
-                release()
+        # The past is a copy now: let the buffers, and the binding to them, go (an idle
+        # batch holds no cache).
+        self._buffers, self._views, self._binding = [], None, None
 
     def _trim(self, at_least: int) -> None:
         """Cut leading cache columns no slot uses, when there are more than ``at_least``."""
@@ -395,7 +390,7 @@ class DecodeBatch:
         input_ids = np.asarray(last, np.int64)[:, None]
         positions = [len(s.generated) if s is not None else 0 for s in self.slots]
         position_ids = np.asarray(positions, np.int64)[:, None]
-        if self._step_in_place is not None:
+        if self._in_place is not None:
             logits = self._step_buffered(input_ids, position_ids)
         else:
             dec_mask = np.concatenate([self.dec_mask, np.ones((b, 1), np.int64)], axis=1)
@@ -416,7 +411,8 @@ class DecodeBatch:
     def _step_buffered(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """``step``'s decoder call over the cache buffers: the new column is written in place
         (see ``OnnxBackend.step_in_place``). Returns the logits (B, V)."""
-        assert self._step_in_place is not None
+        backend = self._in_place
+        assert backend is not None
         b, p = self.dec_mask.shape
         if not self._in_buffers(p + 1):
             self.past = self._buffered(self.past, b)
@@ -424,9 +420,10 @@ class DecodeBatch:
         mask = np.zeros((b, capacity), np.int64)
         mask[:, :p] = self.dec_mask
         mask[:, p] = 1
-        logits: np.ndarray = self._step_in_place(
-            input_ids, position_ids, mask, self.enc_mask, self._buffers, self.cross, p
-        )
+        arrays = (self._buffers, self.cross, self.enc_mask, mask.shape)
+        if self._binding is None or not self._binding.serves(*arrays):
+            self._binding = backend.bind_step(*arrays)
+        logits: np.ndarray = backend.step_in_place(self._binding, input_ids, position_ids, mask, p)
         self.past = self._views = [buffer[:, :, : p + 1] for buffer in self._buffers]
         self.dec_mask = np.ascontiguousarray(mask[:, : p + 1])
         return logits[:, -1]

@@ -68,10 +68,9 @@ class OnnxBackend:
         self._present_names = [
             f"present.{i}.decoder.{kind}" for i in range(n) for kind in ("key", "value")
         ]
-        # Steps over cache buffers written in place (``step_in_place``): with the bundle's
-        # decoder_step graph, on the CPU, where the buffers are this process's own memory.
-        self.steps_in_place = bundle.step is not None and bundle.provider == "CPUExecutionProvider"
-        self._bound: _StepBinding | None = None
+        # Steps over cache buffers written in place (``bind_step``, ``step_in_place``): with
+        # the bundle's decoder_step graph, which load_bundle opens on the CPU only.
+        self.steps_in_place = bundle.step is not None
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderResult:
         out = self.bundle.encoder.run(
@@ -102,10 +101,10 @@ class OnnxBackend:
                 buffer = np.empty((b, h, p + 1, d), np.float32)
                 buffer[:, :, :p] = old
                 buffers.append(buffer)
-            bound = _StepBinding(
-                self, step, buffers, cross, encoder_attention_mask, decoder_attention_mask.shape
+            binding = self.bind_step(
+                buffers, cross, encoder_attention_mask, decoder_attention_mask.shape
             )
-            logits = bound.run(input_ids, position_ids, decoder_attention_mask, p)
+            logits = binding.run(input_ids, position_ids, decoder_attention_mask, p)
             return DecoderResult(logits, buffers)
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids,
@@ -118,53 +117,45 @@ class OnnxBackend:
         out = self.bundle.decoder.run(self._decoder_outputs, feeds)
         return DecoderResult(out[0], list(out[1:]))
 
-    def release_step_binding(self) -> None:
-        """Drop ``step_in_place``'s kept binding and the arrays it holds."""
-        self._bound = None
+    def bind_step(
+        self,
+        buffers: list[np.ndarray],
+        cross: list[np.ndarray],
+        encoder_attention_mask: np.ndarray,
+        mask_shape: tuple[int, ...],
+    ) -> StepBinding:
+        """The step graph bound to a batch's arrays, for ``step_in_place``: ``buffers`` are
+        2L cache arrays (B, H, capacity, D), contiguous; ``mask_shape`` is (B, capacity)."""
+        step = self.bundle.step
+        assert step is not None
+        return StepBinding(self, step, buffers, cross, encoder_attention_mask, mask_shape)
 
     def step_in_place(
         self,
+        binding: StepBinding,
         input_ids: np.ndarray,
         position_ids: np.ndarray,
         decoder_attention_mask: np.ndarray,
-        encoder_attention_mask: np.ndarray,
-        buffers: list[np.ndarray],
-        cross: list[np.ndarray],
         write_index: int,
     ) -> np.ndarray:
         """One decode step (one new token per row) that writes the new keys/values into
-        column ``write_index`` of ``buffers`` (2L arrays (B, H, capacity, D), contiguous) and
-        returns the logits (B, 1, V), valid until the next call. ``decoder_attention_mask``
-        (B, capacity) covers the whole buffer, 1 up to and including ``write_index`` where a
-        row has a real token.
+        column ``write_index`` of the bound buffers and returns the logits (B, 1, V), valid
+        until the binding's next run. ``decoder_attention_mask`` (B, capacity) covers the
+        whole buffer, 1 up to and including ``write_index`` where a row has a real token.
 
         The buffers are bound as both the graph's past input and its present output, so the
         cache is neither copied into a wider array nor returned: ``decode`` copies every
         cached column every step (13 % of an opus-mt-sized int8 step at batch 16 and 70
         cached columns).
         """
-        step = self.bundle.step
-        assert step is not None
-        bound = self._bound
-        if (
-            bound is None
-            or bound.buffers is not buffers
-            or bound.cross is not cross
-            or bound.encoder_attention_mask is not encoder_attention_mask
-            or bound.decoder_attention_mask.shape != decoder_attention_mask.shape
-        ):
-            bound = _StepBinding(
-                self, step, buffers, cross, encoder_attention_mask, decoder_attention_mask.shape
-            )
-            self._bound = bound if bound.reusable else None
-        return bound.run(input_ids, position_ids, decoder_attention_mask, write_index)
+        return binding.run(input_ids, position_ids, decoder_attention_mask, write_index)
 
 
-class _StepBinding:
-    """``OnnxBackend.step_in_place``'s IO binding, kept while the batch's arrays stay the
-    same objects: a step then only writes its few inputs into the bound arrays and runs (no
-    forty binding calls per step). Arrays are bound by address; holding them here keeps
-    that memory, and the identities compared, alive."""
+class StepBinding:
+    """The step graph's IO binding to a batch's arrays, kept by the batch while they stay
+    the same objects (``serves``): a step then only writes its few inputs into the bound
+    arrays and runs (no forty binding calls per step). Arrays are bound by address; holding
+    them here keeps that memory, and the identities compared, alive."""
 
     def __init__(
         self,
@@ -186,8 +177,6 @@ class _StepBinding:
         given = [encoder_attention_mask, *cross]
         self._held = [np.ascontiguousarray(encoder_attention_mask, np.int64)]
         self._held += [np.ascontiguousarray(c, np.float32) for c in cross]
-        # A copy would miss the batch's later writes into these arrays (a joiner's slot):
-        # then the binding serves this step only.
         self.reusable = all(h is g for h, g in zip(self._held, given, strict=True))
         self.binding = binding = session.io_binding()
 
@@ -211,6 +200,23 @@ class _StepBinding:
             bind(present, buffer, output=True)
         bind("logits", self.logits, output=True)
         self.session = session
+
+    def serves(
+        self,
+        buffers: list[np.ndarray],
+        cross: list[np.ndarray],
+        encoder_attention_mask: np.ndarray,
+        mask_shape: tuple[int, ...],
+    ) -> bool:
+        """Whether this binding is bound to these very arrays (one that had to copy an
+        array at binding would miss the batch's later writes into it, a joiner's slot)."""
+        return (
+            self.reusable
+            and self.buffers is buffers
+            and self.cross is cross
+            and self.encoder_attention_mask is encoder_attention_mask
+            and self.decoder_attention_mask.shape == mask_shape
+        )
 
     def run(
         self,

@@ -98,17 +98,12 @@ def verify_parity(
             buffer[:, :, :3] = present
             buffers.append(buffer)
         worst = 0.0
+        binding = backend.bind_step(buffers, enc.cross, src_mask.numpy(), (b, capacity))
         for i in range(3, t):
             mask = np.zeros((b, capacity), np.int64)
             mask[:, : i + 1] = 1
             logits = backend.step_in_place(
-                tgt[:, i : i + 1].numpy(),
-                positions[:, i : i + 1].numpy(),
-                mask,
-                src_mask.numpy(),
-                buffers,
-                enc.cross,
-                i,
+                binding, tgt[:, i : i + 1].numpy(), positions[:, i : i + 1].numpy(), mask, i
             )
             worst = max(worst, _max_diff(logits, reference[:, i : i + 1]))
         figures["decoder_step_in_place_logits"] = worst
