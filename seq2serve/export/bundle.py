@@ -162,7 +162,7 @@ def export_bundle(
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         for graphs in variants.values():
-            graphs[contract.DECODER_STEP_FILE] = step_graph(graphs[contract.DECODER_FILE])
+            graphs[contract.DECODER_STEP_FILE] = step_graph(graphs[contract.DECODER_FILE], cfg)
         sizes = {}
         for quantized, graphs in variants.items():
             data_file = tmp / contract.onnx_data_file(quantized)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from seq2serve import contract
+from seq2serve.config import ModelConfig
 from seq2serve.model.cache import KV, KVCache
 from seq2serve.model.transformer import Transformer
 
@@ -152,7 +153,7 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
         onnx.save_model(proto, str(out_dir / file))
 
 
-def step_graph(decoder: onnx.ModelProto) -> onnx.ModelProto:
+def step_graph(decoder: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
     """``decoder_step.onnx`` from ``decoder.onnx``: each ``Concat(past, new)`` of the
     self-attention cache becomes ``TensorScatter(past, new, write_indices)``, which writes the
     new column into the buffer instead of copying the past into a wider one (see
@@ -189,11 +190,7 @@ def step_graph(decoder: onnx.ModelProto) -> onnx.ModelProto:
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = STEP_OPSET
-    for value in [*graph.input, *graph.output]:
-        name = value.name
-        axis = 1 if name == "decoder_attention_mask" else 2
-        if name == "decoder_attention_mask" or name.endswith((".decoder.key", ".decoder.value")):
-            value.type.tensor_type.shape.dim[axis].dim_param = contract.CAPACITY
+    _name_axes(proto, contract.decoder_step_inputs(cfg), contract.decoder_step_outputs(cfg))
     del graph.value_info[:]  # shapes inferred for the Concat outputs no longer hold
     return proto
 
