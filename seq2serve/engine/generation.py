@@ -37,7 +37,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve.config import ModelConfig
-from seq2serve.engine.runtime import Backend, OnnxBackend, StepBinding, log_softmax_rows
+from seq2serve.engine.runtime import (
+    Backend,
+    OnnxBackend,
+    StepBinding,
+    cache_buffers,
+    log_softmax_rows,
+)
 from seq2serve.engine.text import TextStream, special_token_ids
 
 FINISH_LENGTH = "length"
@@ -440,12 +446,7 @@ class DecodeBatch:
         slots) and room for ``BUFFER_HEADROOM`` more steps; returns the views that become
         ``past``."""
         width = past[0].shape[2]
-        capacity = width + 1 + BUFFER_HEADROOM
-        self._buffers = []
-        for old in past:
-            buffer = np.zeros((rows, old.shape[1], capacity, old.shape[3]), np.float32)
-            buffer[: old.shape[0], :, :width] = old
-            self._buffers.append(buffer)
+        self._buffers = cache_buffers(past, rows, width + 1 + BUFFER_HEADROOM)
         self._views = [buffer[:, :, :width] for buffer in self._buffers]
         return self._views
 

@@ -50,6 +50,17 @@ class Backend(Protocol):
     ) -> DecoderResult: ...
 
 
+def cache_buffers(past: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
+    """Buffers (rows, H, capacity, D) for ``step_in_place`` with ``past`` (B, H, P, D) copied
+    into their leading rows and columns; the rest zero (free slots, columns to come)."""
+    buffers = []
+    for old in past:
+        buffer = np.zeros((rows, old.shape[1], capacity, old.shape[3]), np.float32)
+        buffer[: old.shape[0], :, : old.shape[2]] = old
+        buffers.append(buffer)
+    return buffers
+
+
 class OnnxBackend:
     """onnxruntime sessions of one bundle (CPU or CUDA execution provider)."""
 
@@ -95,12 +106,8 @@ class OnnxBackend:
         if step is not None and input_ids.shape[1] == 1:
             # The step graph over buffers one column wider than the past: the same
             # computation as decoder.onnx's, whose session then never needs opening.
-            b, h, p, d = past[0].shape
-            buffers = []
-            for old in past:
-                buffer = np.empty((b, h, p + 1, d), np.float32)
-                buffer[:, :, :p] = old
-                buffers.append(buffer)
+            b, _, p, _ = past[0].shape
+            buffers = cache_buffers(past, b, p + 1)
             binding = self.bind_step(
                 buffers, cross, encoder_attention_mask, decoder_attention_mask.shape
             )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from seq2serve.engine.bundle import load_bundle
-from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.engine.runtime import OnnxBackend, cache_buffers
 from seq2serve.model.cache import KV, KVCache
 from seq2serve.model.transformer import Transformer
 
@@ -92,11 +92,7 @@ def verify_parity(
             enc.cross,
         )
         capacity = t + 4
-        buffers = []
-        for present in first.present:
-            buffer = np.zeros((b, cfg.n_heads, capacity, cfg.head_dim), np.float32)
-            buffer[:, :, :3] = present
-            buffers.append(buffer)
+        buffers = cache_buffers(first.present, b, capacity)
         worst = 0.0
         binding = backend.bind_step(buffers, enc.cross, src_mask.numpy(), (b, capacity))
         for i in range(3, t):
