@@ -19,8 +19,10 @@ Parts:
   a time in-process; N concurrent streaming clients (started evenly over one request's
   length, so they join the running batch one by one as real traffic does) against the same
   requests as one in-process batch of N; time to first token against the encoder's time plus
-  two decode steps at batch N; the server's resident memory; then continuous batching
-  against a batch size of 1;
+  two decode steps at batch N; the server's resident memory; the same loads against
+  CTranslate2 behind FastAPI (``seq2serve.hf.ct2_server``, one ``generate_tokens`` per request:
+  how people serve it today) when its peer rows run; then continuous batching against a batch
+  size of 1;
 - goals: the ratios above, each against its bar.
 """
 
@@ -157,18 +159,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def decode_rows(
-    cfg: BenchConfig, progress: Progress, bandwidth: list[float] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Every available engine's figures per batch size, and its resident memory. After each
-    engine's run the machine's read bandwidth is measured again, into ``bandwidth``."""
-    engines = ["onnx fp32"]
-    if (cfg.model / contract.onnx_file(contract.ENCODER_FILE, True)).exists():
-        engines.append("onnx int8")
-    if _installed("torch"):
-        engines += ["torch cached", *(["torch uncached"] if cfg.uncached else [])]
-    else:
-        progress("PyTorch is not installed: torch rows skipped")
+def peer_models(
+    cfg: BenchConfig, tmp: Path, progress: Progress
+) -> tuple[Path | None, dict[str, Path]]:
+    """The Hugging Face directory of the bundle's weights (for the transformers row), and
+    those weights converted for CTranslate2 into ``tmp``, per precision (for its decode rows
+    and its server); empty where a package or the directory is missing."""
     hf_dir = None
     if _installed("transformers"):
         from seq2serve.hf.peers import find_hf_source
@@ -176,6 +172,42 @@ def decode_rows(
         hf_dir = find_hf_source(cfg.model, cfg.hf_model)
     if hf_dir is None:
         progress("no Hugging Face model of these weights (or the hf extra): peer rows skipped")
+        return None, {}
+    if not _installed("ctranslate2"):
+        progress("ctranslate2 is not installed: its rows are skipped")
+        return hf_dir, {}
+    from seq2serve.hf.peers import convert_ctranslate2
+
+    converted: dict[str, Path] = {}
+    for precision in ("fp32", "int8"):
+        out = tmp / f"ct2-{precision}"
+        progress(f"converting the model for CTranslate2 {precision}")
+        try:
+            convert_ctranslate2(hf_dir, out, "int8" if precision == "int8" else None)
+        except (ValueError, RuntimeError, OSError) as err:
+            progress(f"CTranslate2 cannot convert this model ({err}): rows skipped")
+            break
+        converted[precision] = out
+    return hf_dir, converted
+
+
+def decode_rows(
+    cfg: BenchConfig,
+    progress: Progress,
+    bandwidth: list[float] | None = None,
+    hf_dir: Path | None = None,
+    ct2_models: dict[str, Path] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every available engine's figures per batch size, and its resident memory (the peers
+    from ``peer_models``). After each engine's run the machine's read bandwidth is measured
+    again, into ``bandwidth``."""
+    engines = ["onnx fp32"]
+    if (cfg.model / contract.onnx_file(contract.ENCODER_FILE, True)).exists():
+        engines.append("onnx int8")
+    if _installed("torch"):
+        engines += ["torch cached", *(["torch uncached"] if cfg.uncached else [])]
+    else:
+        progress("PyTorch is not installed: torch rows skipped")
     options = {
         "batch_sizes": cfg.batch_sizes,
         "source_tokens": cfg.source_tokens,
@@ -185,40 +217,27 @@ def decode_rows(
         "device": cfg.device,
     }
     rows: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="seq2serve-bench-") as tmp:
-        jobs: list[tuple[str, dict[str, Any]]] = [(engine, {}) for engine in engines]
-        if hf_dir is not None:
-            jobs.append(("transformers (cached)", {"hf_model": hf_dir}))
-            if _installed("ctranslate2"):
-                from seq2serve.hf.peers import convert_ctranslate2
-
-                for precision in ("fp32", "int8"):
-                    out = Path(tmp) / f"ct2-{precision}"
-                    progress(f"converting the model for CTranslate2 {precision}")
-                    try:
-                        convert_ctranslate2(hf_dir, out, "int8" if precision == "int8" else None)
-                    except (ValueError, RuntimeError, OSError) as err:
-                        progress(f"CTranslate2 cannot convert this model ({err}): rows skipped")
-                        break
-                    jobs.append((f"ctranslate2 {precision}", {"ct2_model": out}))
-            else:
-                progress("ctranslate2 is not installed: its rows are skipped")
-        # Two rounds, the second in reverse order: a slow spell of the shared host lands on
-        # one round of an engine, and each figure is the faster round's (noise only adds).
-        for r, order in enumerate((jobs, jobs[::-1])):
-            for engine, extra in order:
-                if r and engine not in rows:
-                    continue  # it failed in the first round
-                progress(f"decode, round {r + 1}/2: {engine}")
-                cmd = bench_engines.command(engine, cfg.model, **options, **extra)
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    progress(f"{engine} failed, its row is skipped: {done.stderr.strip()[-500:]}")
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                rows[engine] = _faster(rows[engine], result) if engine in rows else result
-                if bandwidth is not None:
-                    bandwidth.append(read_bandwidth(cfg.threads or os.cpu_count() or 1))
+    jobs: list[tuple[str, dict[str, Any]]] = [(engine, {}) for engine in engines]
+    if hf_dir is not None:
+        jobs.append(("transformers (cached)", {"hf_model": hf_dir}))
+    for precision, path in (ct2_models or {}).items():
+        jobs.append((f"ctranslate2 {precision}", {"ct2_model": path}))
+    # Two rounds, the second in reverse order: a slow spell of the shared host lands on one
+    # round of an engine, and each figure is the faster round's (noise only adds).
+    for r, order in enumerate((jobs, jobs[::-1])):
+        for engine, extra in order:
+            if r and engine not in rows:
+                continue  # it failed in the first round
+            progress(f"decode, round {r + 1}/2: {engine}")
+            cmd = bench_engines.command(engine, cfg.model, **options, **extra)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                progress(f"{engine} failed, its row is skipped: {done.stderr.strip()[-500:]}")
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            rows[engine] = _faster(rows[engine], result) if engine in rows else result
+            if bandwidth is not None:
+                bandwidth.append(read_bandwidth(cfg.threads or os.cpu_count() or 1))
     return rows
 
 
@@ -276,7 +295,13 @@ def serve_command(model: Path, port: int) -> list[str]:
     ]
 
 
-def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    model: Path,
+    env_extra: dict[str, str],
+    command: Callable[[int], list[str]] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`seq2serve serve` for ``model`` (or ``command(port)``) on a free port of 127.0.0.1,
+    once its ``/ready`` answers 200; returns the process and its URL."""
     import httpx
 
     port = free_port()
@@ -284,7 +309,7 @@ def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pop
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
     env = {**os.environ, "SEQ2SERVE_LOG_LEVEL": "WARNING", **env_extra}
     proc = subprocess.Popen(
-        serve_command(model, port),
+        command(port) if command else serve_command(model, port),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
@@ -293,9 +318,8 @@ def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Pop
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
+            log_file.seek(0)
+            raise RuntimeError(f"server exited: {log_file.read().decode()[-2000:]}")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return proc, url
@@ -623,7 +647,11 @@ ROUNDS = 3
 
 
 def bench_serving(
-    cfg: BenchConfig, quantized: bool, progress: Progress, compare_batch_1: bool
+    cfg: BenchConfig,
+    quantized: bool,
+    progress: Progress,
+    compare_batch_1: bool,
+    ct2_model: Path | None = None,
 ) -> dict[str, Any]:
     name = "int8" if quantized else "fp32"
     bundle = load_bundle(cfg.model, quantized=quantized, device=cfg.device, threads=cfg.threads)
@@ -703,11 +731,17 @@ def bench_serving(
         result["http_n"]["rss_mb_max"] = round(max(memory), 1)
     del backend, bundle
     gc.collect()
+    stagger = cfg.new_tokens * figures["batch_step_ms"] / 1000 / clients
+    if ct2_model is not None:
+        progress(f"serving {name}: FastAPI + CTranslate2, 1 and {clients} streams")
+        try:
+            result["ctranslate2_http"] = bench_ct2_server(cfg, ct2_model, texts, stagger)
+        except RuntimeError as err:
+            progress(f"the CTranslate2 server failed, its row is skipped: {err}")
     if compare_batch_1:
         progress(f"serving {name}: {clients} streaming clients, batch size 1")
         proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": "1"})
         try:
-            stagger = cfg.new_tokens * figures["batch_step_ms"] / 1000 / clients
             result["http_n_batch_1"] = summarize(
                 [
                     asyncio.run(
@@ -717,6 +751,35 @@ def bench_serving(
             )
         finally:
             stop_server(proc)
+    return result
+
+
+def bench_ct2_server(
+    cfg: BenchConfig, ct2_model: Path, texts: list[str], stagger: float
+) -> dict[str, Any]:
+    """The same loads against CTranslate2 behind FastAPI (``seq2serve.hf.ct2_server``, what
+    people serve with today): one stream, then ``server_clients`` streams arriving one by one
+    with the server's stagger, with its resident memory."""
+    from seq2serve.hf import ct2_server
+
+    tokenizer = cfg.model / contract.TOKENIZER_FILE
+    proc, url = start_server(
+        cfg.model,
+        {},
+        lambda port: ct2_server.command(ct2_model, tokenizer, port, cfg.threads),
+    )
+    clients, seconds = cfg.server_clients, cfg.server_seconds / ROUNDS
+    try:
+        asyncio.run(_load(url, texts, 1, 1.0, cfg.new_tokens))  # warm-up
+        one = asyncio.run(_load(url, texts, 1, seconds / 2, cfg.new_tokens))
+        with ResidentMemory(proc.pid) as sampler:
+            many = asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens, stagger))
+    finally:
+        stop_server(proc)
+    result = {"http_1": summarize([one]), "http_n": summarize([many])}
+    if sampler.samples:
+        result["http_n"]["rss_mb_median"] = round(statistics.median(sampler.samples), 1)
+        result["http_n"]["rss_mb_max"] = round(max(sampler.samples), 1)
     return result
 
 
@@ -805,11 +868,17 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
                 True,
             )
         )
-        peer = decode.get(f"ctranslate2 {name}", {}).get("rss_mb")
+        # Memory while serving against CTranslate2's while serving the same streams (its
+        # server, when it ran; else its decode process, which holds no web stack).
+        served = s.get("ctranslate2_http", {}).get("http_n", {}).get("rss_mb_max")
+        peer = served or decode.get(f"ctranslate2 {name}", {}).get("rss_mb")
         if peer and "rss_mb_max" in s["http_n"]:
+            whose = (
+                f"FastAPI + CTranslate2 {name}'s" if served else f"CTranslate2 {name}'s decoding"
+            )
             out.append(
                 _goal(
-                    f"serving {name}: server resident memory / CTranslate2 {name}'s",
+                    f"serving {name}: server resident memory / {whose}",
                     s["http_n"]["rss_mb_max"] / peer,
                     1.0,
                     True,
@@ -819,14 +888,22 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="seq2serve-bench-") as tmp:
+        return _run(cfg, progress, Path(tmp))
+
+
+def _run(cfg: BenchConfig, progress: Progress, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
     }
+    hf_dir, ct2_models = peer_models(cfg, tmp, progress) if cfg.decode or cfg.server else (None, {})
     # A shared host's memory bandwidth varies over minutes as much as its decode speed: the
     # floor uses the best of the measurements taken between the engines' rows and now.
     bandwidth: list[float] = []
-    results["decode"] = decode_rows(cfg, progress, bandwidth) if cfg.decode else {}
+    results["decode"] = (
+        decode_rows(cfg, progress, bandwidth, hf_dir, ct2_models) if cfg.decode else {}
+    )
     progress("floor: bytes per step and the machine's read bandwidth")
     bundle = load_bundle(cfg.model, device=cfg.device, threads=cfg.threads)
     threads = cfg.threads or os.cpu_count() or 1
@@ -861,7 +938,12 @@ def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
         for quantized in precisions:
             name = "int8" if quantized else "fp32"
             results["serving"][name] = bench_serving(
-                cfg, quantized, progress, compare_batch_1=not quantized
+                cfg,
+                quantized,
+                progress,
+                compare_batch_1=not quantized,
+                # the peer server runs CTranslate2 on the CPU: a peer only beside a CPU server
+                ct2_model=ct2_models.get(name) if cfg.device == "cpu" else None,
             )
     results["goals"] = goals(results)
     return results
@@ -869,6 +951,15 @@ def run(cfg: BenchConfig, progress: Progress = log.info) -> dict[str, Any]:
 
 def _precision(engine: str) -> str:
     return "int8" if engine.endswith("int8") else "fp32"
+
+
+def _load_cells(load: dict[str, Any], bound: str) -> str:
+    """A serving row's TTFT, TTFT bound, ITL and memory cells."""
+    return (
+        f"| {load['ttft_ms_p50']:.1f} / {load['ttft_ms_p95']:.1f} | {bound} "
+        f"| {load['itl_ms_p50']:.1f} / {load['itl_ms_p95']:.1f} "
+        f"| {load.get('rss_mb_max', float('nan')):.0f} "
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -944,11 +1035,30 @@ def table(results: dict[str, Any]) -> str:
                 f"| {ht.get('tokens_per_s', float('nan')):.0f} tok/s "
                 f"| {en['tokens_per_s']:.0f} tok/s "
                 f"| {hn['tokens_per_s']:.0f} tok/s "
-                f"| {hn['ttft_ms_p50']:.1f} / {hn['ttft_ms_p95']:.1f} | {s['ttft_bound_ms']:.1f} "
-                f"| {hn['itl_ms_p50']:.1f} / {hn['itl_ms_p95']:.1f} "
-                f"| {hn.get('rss_mb_max', float('nan')):.0f} "
-                f"| {h1['errors'] + hn['errors'] + ht.get('errors', 0)} |"
+                + _load_cells(hn, f"{s['ttft_bound_ms']:.1f}")
+                + f"| {h1['errors'] + hn['errors'] + ht.get('errors', 0)} |"
             )
+        for name, s in serving.items():
+            if "ctranslate2_http" in s:
+                c1, cn = s["ctranslate2_http"]["http_1"], s["ctranslate2_http"]["http_n"]
+                lines.append(
+                    f"| FastAPI + CTranslate2 {name} | - | {c1['tokens_per_s']:.0f} tok/s | - | - "
+                    f"| - | {cn['tokens_per_s']:.0f} tok/s "
+                    + _load_cells(cn, "-")
+                    + f"| {c1['errors'] + cn['errors']} |"
+                )
+        for name, s in serving.items():
+            if "ctranslate2_http" in s:
+                hn, cn = s["http_n"], s["ctranslate2_http"]["http_n"]
+                lines.append(
+                    f"\n{name}, {n} streams arriving one by one, seq2serve vs FastAPI + "
+                    f"CTranslate2 (one generate_tokens per request): "
+                    f"{hn['tokens_per_s']:.0f} vs {cn['tokens_per_s']:.0f} tokens/s "
+                    f"({hn['tokens_per_s'] / max(cn['tokens_per_s'], 1e-9):.1f}x), "
+                    f"p95 TTFT {hn['ttft_ms_p95']:.0f} vs {cn['ttft_ms_p95']:.0f} ms, "
+                    f"{hn.get('rss_mb_max', float('nan')):.0f} vs "
+                    f"{cn.get('rss_mb_max', float('nan')):.0f} MB"
+                )
         for name, s in serving.items():
             lines.append(
                 f"\n{name}: HTTP {n} streams / the engine under the same arrivals: "

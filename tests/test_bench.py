@@ -82,3 +82,25 @@ def test_the_load_client_reports_refusals_as_errors(server):
         [asyncio.run(bench._load(server.base_url, [""], clients=1, seconds=0.3, new_tokens=8))]
     )
     assert result["errors"] >= 1 and result["requests"] == 0
+
+
+def _serving(rss: float, peer_rss: float | None) -> dict:
+    load = {"clients": 16, "tokens_per_s": 100.0, "ttft_ms_p95": 10.0, "rss_mb_max": rss}
+    s = {
+        "http_n": load,
+        "ratio_http_1": 1.0,
+        "ratio_http_n_engine": 1.0,
+        "ttft_bound_ms": 20.0,
+    }
+    if peer_rss is not None:
+        s["ctranslate2_http"] = {"http_n": {**load, "rss_mb_max": peer_rss}}
+    return s
+
+
+def test_memory_is_weighed_against_ctranslate2_serving_when_its_server_ran():
+    decode = {"ctranslate2 int8": {"rows": {"1": {"ms_per_step": 1.0}}, "rss_mb": 100.0}}
+    for peer, expected, whose in ((150.0, 2.0, "FastAPI + CTranslate2"), (None, 3.0, "decoding")):
+        results = {"decode": decode, "step_growth": {}, "serving": {"int8": _serving(300, peer)}}
+        (memory,) = [g for g in bench.goals(results) if "resident memory" in g["goal"]]
+        assert memory["value"] == expected and whose in memory["goal"]
+        assert not memory["met"]

@@ -410,3 +410,55 @@ def test_the_reference_workload_builds_imports_and_exports(tmp_path):
     assert Path(source) == tmp_path / "hf"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["parity"]["fp32"]["max"] < 1e-4
+
+
+def test_the_ctranslate2_peer_server_streams_the_greedy_tokens_of_the_same_weights(
+    tmp_path,
+) -> None:
+    """The benchmark's FastAPI + CTranslate2 server, started as the benchmark starts it,
+    streams one event per token, and the tokens are seq2serve's greedy ones: both servers
+    decode the same Marian model."""
+    pytest.importorskip("ctranslate2")
+    import httpx
+    from httpx_sse import connect_sse
+
+    from seq2serve import bench
+    from seq2serve.hf import ct2_server
+    from seq2serve.hf.peers import convert_ctranslate2
+
+    hf_dir = build_marian(tmp_path)
+    # CTranslate2 drops Marian's pad row and starts decoding from a zero embedding; opus-mt's
+    # pad row is zero (as the reference workload's is), the random one here is not.
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.pad_token_id] = 0.0
+    model.save_pretrained(str(hf_dir))
+    assert cli_main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    ct2 = convert_ctranslate2(hf_dir, tmp_path / "ct2", None)
+    bundle = load_bundle(tmp_path / "bundle")
+    tokenizer_file = tmp_path / "bundle" / "tokenizer.json"
+    proc, url = bench.start_server(
+        tmp_path / "bundle", {}, lambda port: ct2_server.command(ct2, tokenizer_file, port, 1)
+    )
+    seen: set[int] = set()
+    try:
+        for text in [*SOURCES, *lines(6, seed=11)]:
+            body = {"inputs": text, "parameters": {"max_new_tokens": 12}, "stream": True}
+            with (
+                httpx.Client(base_url=url, timeout=60) as client,
+                connect_sse(client, "POST", "/v1/generate", json=body) as events,
+            ):
+                streamed = [json.loads(e.data)["token"]["id"] for e in events.iter_sse()]
+            batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
+            params = SamplingParams(max_new_tokens=12)
+            (seq,) = run_to_completion(
+                batch, [batch.new_sequence(bundle.tokenizer.encode(text).ids, params)]
+            )
+            # CTranslate2 does not stream the end-of-sequence token.
+            ours = [t for t in seq.generated if t != bundle.config.eos_token_id]
+            assert streamed == ours, text
+            seen.update(streamed)
+    finally:
+        bench.stop_server(proc)
+    assert len(seen) > 3  # real decoding: the sources lead to different tokens
