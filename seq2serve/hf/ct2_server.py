@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,6 @@ def create_app(model: Path, tokenizer_file: Path, threads: int | None = None) ->
 
 def command(model: Path, tokenizer_file: Path, port: int, threads: int | None) -> list[str]:
     """This server on 127.0.0.1:``port``, in a Python process of its own."""
-    import sys
-
     cmd = [sys.executable, "-m", "seq2serve.hf.ct2_server", "--model", str(model)]
     cmd += ["--tokenizer", str(tokenizer_file), "--port", str(port)]
     return cmd + (["--threads", str(threads)] if threads else [])
