@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -295,13 +296,16 @@ def serve_command(model: Path, port: int) -> list[str]:
     ]
 
 
-def start_server(
-    model: Path,
-    env_extra: dict[str, str],
-    command: Callable[[int], list[str]] | None = None,
+def start_server(model: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """`seq2serve serve` for ``model`` on a free port of 127.0.0.1 (see ``launch``)."""
+    return launch(partial(serve_command, model), env_extra)
+
+
+def launch(
+    command: Callable[[int], list[str]], env_extra: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`seq2serve serve` for ``model`` (or ``command(port)``) on a free port of 127.0.0.1,
-    once its ``/ready`` answers 200; returns the process and its URL."""
+    """``command(port)`` on a free port of 127.0.0.1, once its ``/ready`` answers 200;
+    returns the process and its URL."""
     import httpx
 
     port = free_port()
@@ -309,7 +313,7 @@ def start_server(
     log_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
     env = {**os.environ, "SEQ2SERVE_LOG_LEVEL": "WARNING", **env_extra}
     proc = subprocess.Popen(
-        command(port) if command else serve_command(model, port),
+        command(port),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
@@ -763,11 +767,7 @@ def bench_ct2_server(
     from seq2serve.hf import ct2_server
 
     tokenizer = cfg.model / contract.TOKENIZER_FILE
-    proc, url = start_server(
-        cfg.model,
-        {},
-        lambda port: ct2_server.command(ct2_model, tokenizer, port, cfg.threads),
-    )
+    proc, url = launch(lambda port: ct2_server.command(ct2_model, tokenizer, port, cfg.threads), {})
     clients, seconds = cfg.server_clients, cfg.server_seconds / ROUNDS
     try:
         asyncio.run(_load(url, texts, 1, 1.0, cfg.new_tokens))  # warm-up

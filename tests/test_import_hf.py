@@ -438,9 +438,7 @@ def test_the_ctranslate2_peer_server_streams_the_greedy_tokens_of_the_same_weigh
     ct2 = convert_ctranslate2(hf_dir, tmp_path / "ct2", None)
     bundle = load_bundle(tmp_path / "bundle")
     tokenizer_file = tmp_path / "bundle" / "tokenizer.json"
-    proc, url = bench.start_server(
-        tmp_path / "bundle", {}, lambda port: ct2_server.command(ct2, tokenizer_file, port, 1)
-    )
+    proc, url = bench.launch(lambda port: ct2_server.command(ct2, tokenizer_file, port, 1), {})
     seen: set[int] = set()
     try:
         for text in [*SOURCES, *lines(6, seed=11)]:
