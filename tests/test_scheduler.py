@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -222,3 +223,28 @@ def test_beam_search_requests_run_beside_the_batch(parts):
     assert "".join(e.text for e in events) == seq.text
     assert all(np.isfinite(e.logprob) for e in events)
     assert greedy.generated == alone(parts, TEXTS[2], SamplingParams(max_new_tokens=10))
+
+
+def test_a_call_for_several_streams_reaches_them_before_the_next_call(parts):
+    """The worker hands a call's tokens to the event loop and waits until the streams have
+    them before its next call: even a loop slower than the steps gets every token a step
+    apart. (Without the wait, the slow loop falls behind and reads several tokens after
+    the same step.)"""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    async def go(engine, _):
+        engine.handoff_timeout_s = 5.0  # the wait, not its bound, is under test
+        streams = [engine.generate_stream(parts[1].encode(t).ids, params) for t in TEXTS[:3]]
+
+        async def consume(stream):
+            seen = []
+            async for _ in stream:
+                seen.append(engine.batch._steps)
+                time.sleep(0.005)  # a busy event loop: slower than a step of the tiny model
+            return seen
+
+        return await asyncio.gather(*(consume(s) for s in streams))
+
+    for seen in run(go, parts):
+        assert len(seen) == 10
+        assert len(set(seen)) >= 9, seen  # a joiner's first token may share a step number
