@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -248,3 +252,55 @@ def test_a_call_for_several_streams_reaches_them_before_the_next_call(parts):
     for seen in run(go, parts):
         assert len(seen) == 10
         assert len(set(seen)) >= 9, seen  # a joiner's first token may share a step number
+
+
+def test_a_first_token_reaches_its_stream_before_the_next_call(parts):
+    """A prefill's first token is handed over as a step's tokens are: with the event loop
+    busy when the token is ready, the worker waits for the loop instead of decoding on."""
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+
+    async def go(engine, _):
+        engine.handoff_timeout_s = 5.0  # the wait, not its bound, is under test
+        before = engine.batch._steps
+        stream = engine.generate_stream(parts[1].encode(TEXTS[0]).ids, params)
+        time.sleep(0.2)  # the loop is busy while the worker encodes and decodes
+        async for _ in stream:
+            return engine.batch._steps - before
+
+    assert run(go, parts) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_compute_threads_run_at_the_engine_nice_value(tiny_bundle):
+    """The engine thread and onnxruntime's pool workers get the engine's nice value; the
+    event loop's thread keeps its own. In a fresh process: the pool is process-wide."""
+    script = f"""
+import asyncio, json, os, threading
+from pathlib import Path
+from seq2serve.engine.bundle import load_bundle, pool_thread_ids
+from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.engine.scheduler import Engine
+
+bundle = load_bundle(Path({str(tiny_bundle)!r}), threads=2)
+engine = Engine(OnnxBackend(bundle), bundle.tokenizer, nice=7)
+
+def nice(tid):
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+async def main():
+    await engine.start()
+    threads = [threading.get_native_id(), engine._thread.native_id, *pool_thread_ids()]
+    print(json.dumps([nice(t) for t in threads]))
+    await engine.stop()
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    loop, engine, *pool = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loop == base
+    assert engine == max(7, base)
+    assert pool and all(n == max(7, base) for n in pool)  # 2 threads: one pool worker

@@ -89,8 +89,21 @@ def verify_files(path: Path, manifest: dict[str, Any], names: list[str]) -> None
             )
 
 
-# The size of onnxruntime's process-wide thread pool, once this process has made it.
+# The size of onnxruntime's process-wide thread pool, once this process has made it, and the
+# native ids of the worker threads it started (Linux).
 _pool_threads: int | None = None
+_pool_thread_ids: tuple[int, ...] = ()
+
+
+def _thread_ids() -> set[int]:
+    tasks = Path("/proc/self/task")
+    return {int(t.name) for t in tasks.iterdir()} if tasks.is_dir() else set()
+
+
+def pool_thread_ids() -> tuple[int, ...]:
+    """The native ids of the shared pool's worker threads (empty before the pool exists,
+    and off Linux)."""
+    return _pool_thread_ids
 
 
 def shared_thread_pool(threads: int | None) -> int:
@@ -103,13 +116,15 @@ def shared_thread_pool(threads: int | None) -> int:
     with requests coming and going). One shared pool has no such fight. Its size is a
     process setting: the first load decides it (``threads`` None: no preference).
     """
-    global _pool_threads
+    global _pool_threads, _pool_thread_ids
     if threads is None and _pool_threads is not None:
         return _pool_threads
     n = threads or os.cpu_count() or 1
     if _pool_threads is None:
-        ort.set_global_thread_pool_sizes(n, 1)
+        before = _thread_ids()
+        ort.set_global_thread_pool_sizes(n, 1)  # starts the workers
         _pool_threads = n
+        _pool_thread_ids = tuple(sorted(_thread_ids() - before))
     elif n != _pool_threads:
         log.warning(
             "onnxruntime's thread pool already has %d threads in this process; "

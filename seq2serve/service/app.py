@@ -80,7 +80,7 @@ def build_engine(settings: Settings, registry: CollectorRegistry) -> LoadedModel
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
     )
-    engine = Engine(backend, tokenizer, limits, EngineMetrics(registry))
+    engine = Engine(backend, tokenizer, limits, EngineMetrics(registry), settings.engine_nice)
     return LoadedModel(engine, path.name, settings.runtime, provider)
 
 
