@@ -271,18 +271,28 @@ def test_a_first_token_reaches_its_stream_before_the_next_call(parts):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_the_compute_threads_run_at_the_engine_nice_value(tiny_bundle):
+@pytest.mark.parametrize(
+    ("nice", "auto_min_s", "expected"),
+    [
+        (7, None, 7),  # as asked
+        (None, None, 0),  # auto: the tiny model's tokens cost far less than a millisecond
+        (None, 0.0, 10),  # auto, for a model whose tokens cost at least the bar
+    ],
+)
+def test_the_compute_threads_run_at_the_engine_nice_value(tiny_bundle, nice, auto_min_s, expected):
     """The engine thread and onnxruntime's pool workers get the engine's nice value; the
     event loop's thread keeps its own. In a fresh process: the pool is process-wide."""
     script = f"""
 import asyncio, json, os, threading
 from pathlib import Path
+from seq2serve.engine import scheduler
 from seq2serve.engine.bundle import load_bundle, pool_thread_ids
 from seq2serve.engine.runtime import OnnxBackend
-from seq2serve.engine.scheduler import Engine
 
+if {auto_min_s!r} is not None:
+    scheduler.AUTO_NICE_MIN_S = {auto_min_s!r}
 bundle = load_bundle(Path({str(tiny_bundle)!r}), threads=2)
-engine = Engine(OnnxBackend(bundle), bundle.tokenizer, nice=7)
+engine = scheduler.Engine(OnnxBackend(bundle), bundle.tokenizer, nice={nice!r})
 
 def nice(tid):
     return os.getpriority(os.PRIO_PROCESS, tid)
@@ -290,7 +300,7 @@ def nice(tid):
 async def main():
     await engine.start()
     threads = [threading.get_native_id(), engine._thread.native_id, *pool_thread_ids()]
-    print(json.dumps([nice(t) for t in threads]))
+    print(json.dumps([engine.nice, *(nice(t) for t in threads)]))
     await engine.stop()
 
 asyncio.run(main())
@@ -300,7 +310,8 @@ asyncio.run(main())
     )
     assert done.returncode == 0, done.stderr[-2000:]
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    loop, engine, *pool = json.loads(done.stdout.strip().splitlines()[-1])
+    chosen, loop, engine, *pool = json.loads(done.stdout.strip().splitlines()[-1])
+    assert chosen == expected
     assert loop == base
-    assert engine == max(7, base)
-    assert pool and all(n == max(7, base) for n in pool)  # 2 threads: one pool worker
+    assert engine == max(expected, base)
+    assert pool and all(n == max(expected, base) for n in pool)  # 2 threads: one pool worker

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -162,22 +162,32 @@ TRIM_EVERY_S = 1.0  # at most this often, when the engine goes idle
 HANDOFF_TIMEOUT_S = 0.003
 
 
-def lower_priority(nice: int) -> None:
-    """Give the calling thread and onnxruntime's pool workers this nice value (Linux; a no-op
-    at 0 or elsewhere). Raising it needs no privilege.
+# ``nice=None`` (auto): this nice value when a warm-up token costs at least AUTO_NICE_MIN_S,
+# else none (see ``lower_priority``).
+AUTO_NICE = 10
+AUTO_NICE_MIN_S = 0.001
 
-    Those threads keep every core busy while a batch decodes; the event loop wakes for a few
-    hundred microseconds at a time to read requests and write tokens. At equal priority the
-    kernel lets a woken loop wait for a running worker's time slice, and the wait lands on
-    the time to first token; at a lower priority for the workers the loop runs at once.
-    Opus-mt-sized int8, 2 cores, 16 streams arriving one by one over HTTP, five
-    interleaved rounds of 10 s: p95 time to first token 18.3 -> 11.5 ms at nice 10,
-    tokens/s within the rounds' spread. A busy process at nice 0 on the same cores would
-    take most of the time from such threads: a container (its own cgroup) has none.
+
+def lower_priority(threads: Iterable[int], nice: int) -> None:
+    """Give these threads (native ids) this nice value (Linux; a no-op at 0 or elsewhere).
+    Raising it needs no privilege.
+
+    The compute threads (the engine's and onnxruntime's pool) keep every core busy while a
+    batch decodes; the event loop wakes for a few hundred microseconds at a time to read
+    requests and write tokens. At equal priority the kernel lets a woken loop wait for a
+    running compute thread's time slice, and the wait lands on the time to first token; at
+    a lower priority for the compute threads the loop runs at once. Opus-mt-sized int8, 2
+    cores, 16 streams arriving one by one over HTTP, five interleaved rounds of 10 s: p95
+    time to first token 18.3 -> 11.5 ms at nice 10, tokens/s within the rounds' spread.
+    With a model whose step is a tenth of a millisecond the server is bound by its HTTP
+    work, which the engine thread shares (and the interpreter lock with it): there nice 10
+    cost 8 to 15 % of the tokens/s, hence the automatic choice by the cost of a token. A busy
+    process at nice 0 on the same cores would take most of the time from such threads: a
+    container (its own cgroup) has none.
     """
     if nice <= 0 or not sys.platform.startswith("linux"):
         return
-    for tid in (threading.get_native_id(), *pool_thread_ids()):
+    for tid in threads:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
         except OSError as err:  # a thread gone, or a sandbox that forbids it
@@ -212,10 +222,11 @@ class Engine:
         tokenizer: Tokenizer,
         limits: EngineLimits | None = None,
         metrics: EngineMetrics | None = None,
-        nice: int = 0,
+        nice: int | None = 0,
     ) -> None:
         self.backend = backend
-        self.nice = nice  # of the compute threads, see ``lower_priority``
+        # Of the compute threads, see ``lower_priority``; None: decided at start.
+        self.nice = nice
         self.tokenizer = tokenizer
         self.config: ModelConfig = backend.config
         self.limits = limits or EngineLimits()
@@ -248,6 +259,16 @@ class Engine:
         ids = self.tokenizer.encode("0").ids[: self.config.max_source_positions]
         await self.encode([ids])
         await self.generate_stream(ids, SamplingParams(max_new_tokens=4)).result()
+        if self.nice is None:  # the cost of a token, warm
+            tokens = 4
+            started = time.perf_counter()
+            params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+            await self.generate_stream(ids, params).result()
+            per_token = (time.perf_counter() - started) / tokens
+            self.nice = AUTO_NICE if per_token >= AUTO_NICE_MIN_S else 0
+            log.info("compute threads at nice %d (%.2f ms a token)", self.nice, 1000 * per_token)
+        assert self._thread is not None and self._thread.native_id is not None
+        lower_priority((self._thread.native_id, *pool_thread_ids()), self.nice)
         self.ready = True
         log.info("engine ready")
 
@@ -323,7 +344,6 @@ class Engine:
     # -- the worker ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        lower_priority(self.nice)
         trimmed, worked = time.monotonic(), False
         while True:
             with self._lock:

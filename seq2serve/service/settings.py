@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(default=None, gt=0)
     # Nice value of the compute threads (engine and onnxruntime's pool), so the event loop
     # that reads requests and writes tokens never waits for them; 0 leaves them as they are.
-    engine_nice: int = Field(default=10, ge=0, le=19)
+    # None: 10 when a token costs 1 ms or more at start, else 0 (Engine.start).
+    engine_nice: int | None = Field(default=None, ge=0, le=19)
 
     max_batch_size: int = Field(default=32, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
