@@ -575,8 +575,9 @@ def serving_texts(tokenizer: Any, cfg: ModelConfig, n: int, length: int) -> list
 def in_process(
     backend: Backend, tokenizer: Any, texts: list[str], clients: int, new_tokens: int
 ) -> dict[str, float]:
-    """The engine alone on the serving requests: a few one at a time, and ``clients`` of them
-    as one batch (each with its encoder call; EOS ends a request as it does over HTTP)."""
+    """The engine alone on the serving requests: each one at a time (the single HTTP stream
+    cycles through all of them too), and ``clients`` of them as one batch (each with its
+    encoder call; EOS ends a request as it does over HTTP)."""
     params = SamplingParams(max_new_tokens=new_tokens)
     ids = [tokenizer.encode(t).ids for t in texts]
 
@@ -593,7 +594,7 @@ def in_process(
         return sum(len(s.generated) for s in seqs), time.perf_counter() - start, steps
 
     tokens = seconds = 0.0
-    for r in ids[:4]:
+    for r in ids:
         n, t, _ = generate([r])
         tokens, seconds = tokens + n, seconds + t
     n, t, steps = generate([ids[i % len(ids)] for i in range(clients)])
