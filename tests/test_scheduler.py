@@ -275,7 +275,7 @@ def test_a_first_token_reaches_its_stream_before_the_next_call(parts):
     ("nice", "auto_min_s", "expected"),
     [
         (7, None, 7),  # as asked
-        (None, None, 0),  # auto: the tiny model's tokens cost far less than a millisecond
+        (None, 10.0, 0),  # auto, for a model whose tokens cost less than the bar
         (None, 0.0, 10),  # auto, for a model whose tokens cost at least the bar
     ],
 )
