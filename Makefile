@@ -42,10 +42,13 @@ bench: $(DEV_STAMP)
 # The reference workload of the README's peer table: an opus-mt-en-de-sized Marian with
 # random weights (built here, nothing downloaded), benchmarked against transformers and
 # CTranslate2 on the same weights.
+# The bundle is rebuilt when the code that converts or exports it changes.
+REFERENCE := bench-results/reference/bundle/manifest.json
+$(REFERENCE): $(DEV_STAMP) $(wildcard seq2serve/export/*.py seq2serve/hf/*.py seq2serve/model/*.py)
+	$(BIN)/python -m seq2serve.hf.reference --out bench-results/reference
+
 .PHONY: bench-reference
-bench-reference: $(DEV_STAMP)
-	test -f bench-results/reference/bundle/decoder_step.onnx || \
-		$(BIN)/python -m seq2serve.hf.reference --out bench-results/reference
+bench-reference: $(REFERENCE)
 	$(BIN)/seq2serve bench --model bench-results/reference/bundle \
 		--json bench-results/reference.json
 

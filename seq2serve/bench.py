@@ -106,6 +106,10 @@ def machine() -> dict[str, Any]:
 # The memory-bandwidth floor
 
 
+# The floor of the fp32 engine's steps when its LM head is screened in int8.
+SCREENED = "fp32 screened head"
+
+
 def read_bandwidth(threads: int, megabytes: int = 512) -> float:
     """GB/s that ``threads`` threads read from memory: each sums its share of a buffer far
     larger than any cache (numpy's reduction releases the GIL). Best of five."""
@@ -127,14 +131,25 @@ def read_bandwidth(threads: int, megabytes: int = 512) -> float:
 _ELEMENT_BYTES = {1: 4, 2: 1, 3: 1}
 
 
-def step_bytes(model: Path, quantized: bool, cfg: ModelConfig, source: int, past: int) -> int:
+def step_bytes(
+    model: Path,
+    quantized: bool,
+    cfg: ModelConfig,
+    source: int,
+    past: int,
+    file: str = contract.DECODER_FILE,
+) -> int:
     """Bytes one batch-1 decode step reads: every decoder weight a step multiplies by (the LM
     head included; a table only gathered from, like the positions, reads a row), the cached
-    self-attention keys/values of ``past`` tokens and the cross-attention ones of ``source``."""
+    self-attention keys/values of ``past`` tokens and the cross-attention ones of ``source``.
+
+    ``file``: the graph whose weights count. decoder.onnx holds the model's weights as they
+    are; a step graph with a screened head multiplies by the head's int8 copy and only
+    gathers rows of the fp32 table (its exact branch, a subgraph, does not count)."""
     import onnx  # an export dependency: imported only when the floor is computed
 
     graph = onnx.load(
-        str(model / contract.onnx_file(contract.DECODER_FILE, quantized)),
+        str(model / contract.onnx_file(file, quantized)),
         load_external_data=False,
     ).graph
     readers: dict[str, set[str]] = {}
@@ -921,6 +936,14 @@ def _run(cfg: BenchConfig, progress: Progress, tmp: Path) -> dict[str, Any]:
         name = "int8" if quantized else "fp32"
         n = step_bytes(cfg.model, quantized, bundle.config, cfg.source_tokens, past)
         floor[name] = {"bytes_per_step": n, "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3)}
+    if bundle.screened:  # what the fp32 engine's steps read: the head's int8 screen
+        n = step_bytes(
+            cfg.model, False, bundle.config, cfg.source_tokens, past, contract.DECODER_STEP_FILE
+        )
+        floor[SCREENED] = {
+            "bytes_per_step": n,
+            "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3),
+        }
     results["floor"] = floor
     results["step_growth"] = {}
     for quantized in precisions:
@@ -989,14 +1012,14 @@ def table(results: dict[str, Any]) -> str:
             cells += [f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}"]
         rss = f"{engine['rss_mb']:.0f}" if "rss_mb" in engine else "-"
         share = "-"
-        f = floor.get(_precision(name))
+        f = floor.get(SCREENED if name == "onnx fp32" else "", floor.get(_precision(name)))
         if f and "1" in engine["rows"]:
             share = f"{100 * f['floor_ms'] / engine['rows']['1']['ms_per_step']:.0f} %"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rss} | {share} |")
     lines.append("")
     parts = [
         f"{p} {floor[p]['bytes_per_step'] / 1e6:.1f} MB -> floor {floor[p]['floor_ms']:.2f} ms"
-        for p in ("fp32", "int8")
+        for p in ("fp32", SCREENED, "int8")
         if p in floor
     ]
     samples = floor.get("bandwidth_gb_s_samples", [floor["bandwidth_gb_s"]])

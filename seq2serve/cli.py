@@ -35,7 +35,11 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         manifest = export_bundle(
-            args.checkpoint, args.out, quantize=args.quantize, verify=args.verify
+            args.checkpoint,
+            args.out,
+            quantize=args.quantize,
+            verify=args.verify,
+            screen={"auto": None, "on": True, "off": False}[args.screen_head],
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -160,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--quantize", choices=["int8"], help="also write dynamic-int8 graphs")
     p.add_argument("--verify", action="store_true", help="check parity against PyTorch")
+    p.add_argument(
+        "--screen-head",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="screen the fp32 step graph's LM head in int8 and rescore its best tokens "
+        "exactly (same greedy tokens, a quarter of the head's bytes per step); auto: when "
+        "the head is 16 MB or more",
+    )
     p.set_defaults(run=_export)
 
     p = commands.add_parser(

@@ -39,6 +39,7 @@ PAST = "past_decoder_sequence_length"
 TOTAL = "past_decoder_sequence_length + decoder_sequence_length"
 CAPACITY = "cache_capacity"
 WRITE_INDICES = "write_indices"
+EXACT_LOGITS = "exact_logits"
 
 Dim = str | int
 
@@ -105,7 +106,7 @@ def decoder_outputs(cfg: ModelConfig) -> list[TensorSpec]:
     return out
 
 
-def decoder_step_inputs(cfg: ModelConfig) -> list[TensorSpec]:
+def decoder_step_inputs(cfg: ModelConfig, screened: bool = False) -> list[TensorSpec]:
     """``decoder.onnx``'s inputs over a cache buffer of any capacity, and where to write.
 
     One new token per row (``decoder_sequence_length`` 1): its keys/values are written into
@@ -114,6 +115,11 @@ def decoder_step_inputs(cfg: ModelConfig) -> list[TensorSpec]:
     ``present.*.decoder.*`` output to the same memory as its ``past_key_values`` input and
     the step copies nothing (onnxruntime's TensorScatter, opset 24); unbound, the present is
     the updated copy of the buffer.
+
+    A graph whose LM head is screened in int8 (``screened``, see
+    ``seq2serve.export.screen``) also takes ``exact_logits``, a bool scalar: false, the
+    logits are exact for the highest-scoring tokens (the argmax among them, certified) and
+    int8-accurate for the rest; true, exact for every token.
     """
     out = []
     for spec in decoder_inputs(cfg):
@@ -122,7 +128,10 @@ def decoder_step_inputs(cfg: ModelConfig) -> list[TensorSpec]:
         elif spec.name.endswith((".decoder.key", ".decoder.value")):
             spec = TensorSpec(spec.name, spec.dtype, (BATCH, cfg.n_heads, CAPACITY, cfg.head_dim))
         out.append(spec)
-    return [*out, TensorSpec(WRITE_INDICES, "int64", (BATCH,))]
+    out.append(TensorSpec(WRITE_INDICES, "int64", (BATCH,)))
+    if screened:
+        out.append(TensorSpec(EXACT_LOGITS, "bool", ()))
+    return out
 
 
 def decoder_step_outputs(cfg: ModelConfig) -> list[TensorSpec]:
@@ -133,12 +142,14 @@ def decoder_step_outputs(cfg: ModelConfig) -> list[TensorSpec]:
     ]
 
 
-def graph_specs(cfg: ModelConfig) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
-    """File name -> (inputs, outputs)."""
+def graph_specs(
+    cfg: ModelConfig, screened: bool = False
+) -> dict[str, tuple[list[TensorSpec], list[TensorSpec]]]:
+    """File name -> (inputs, outputs); ``screened``: the step graph's LM head is screened."""
     return {
         ENCODER_FILE: (encoder_inputs(), encoder_outputs(cfg)),
         DECODER_FILE: (decoder_inputs(cfg), decoder_outputs(cfg)),
-        DECODER_STEP_FILE: (decoder_step_inputs(cfg), decoder_step_outputs(cfg)),
+        DECODER_STEP_FILE: (decoder_step_inputs(cfg, screened), decoder_step_outputs(cfg)),
     }
 
 

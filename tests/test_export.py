@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
 from seq2serve import contract
-from seq2serve.engine.bundle import BundleError, load_bundle
+from seq2serve.engine.bundle import BundleError, SharedTables, load_bundle
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import quantize
 from seq2serve.export.bundle import sha256_file
@@ -148,6 +149,51 @@ def test_no_weight_is_stored_twice(tiny_bundle):
     )
     embedding = model.tokens.weight.numel() * 4
     assert (tiny_bundle / contract.ONNX_DATA_FILE).stat().st_size < param_bytes + embedding
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lookup_tables_are_mapped_once_and_read_by_every_session(
+    tiny_bundle, quantized, monkeypatch
+):
+    """The manifest's lookup tables are the bytes the graphs gather from; every session reads
+    the one copy the engine maps: swap that copy for zeros and the encoder's output moves."""
+    manifest = json.loads((tiny_bundle / contract.MANIFEST_FILE).read_text())
+    entries = manifest["lookup_tables"]["int8" if quantized else "fp32"]
+    data = (tiny_bundle / contract.onnx_data_file(quantized)).read_bytes()
+    encoder = onnx.load(str(tiny_bundle / contract.onnx_file(contract.ENCODER_FILE, quantized)))
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in encoder.graph.initializer}
+    table = max(entries, key=lambda e: e["length"])  # the embedding
+    assert len(table["shape"]) == 2
+    for entry in entries:
+        raw = data[entry["offset"] : entry["offset"] + entry["length"]]
+        array = np.frombuffer(raw, entry["dtype"]).reshape(entry["shape"])
+        for name in entry["names"]:
+            if name in stored:
+                np.testing.assert_array_equal(array, stored[name])
+    bundle = load_bundle(tiny_bundle, quantized=quantized)
+    assert bundle.tables is not None and set(table["names"]) <= set(bundle.tables.values)
+
+    ids = np.array([[5, 6, 7, 8, 2]])
+    mask = np.ones_like(ids)
+    before = OnnxBackend(bundle).encode(ids, mask).last_hidden_state
+    zeros = onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(table["shape"], table["dtype"]))
+
+    def add_zeros(self, options):
+        for name, value in self.values.items():
+            options.add_initializer(name, zeros if name in table["names"] else value)
+
+    monkeypatch.setattr(SharedTables, "add_to", add_zeros)
+    after = OnnxBackend(load_bundle(tiny_bundle, quantized=quantized)).encode(ids, mask)
+    assert not np.allclose(before, after.last_hidden_state)
+
+
+def test_a_lookup_table_outside_the_data_file_is_refused(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((bundle / contract.MANIFEST_FILE).read_text())
+    manifest["lookup_tables"]["fp32"][0]["offset"] = 1 << 40
+    (bundle / contract.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model\.onnx\.data: lookup table .* does not fit"):
+        load_bundle(bundle)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

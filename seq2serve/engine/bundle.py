@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
@@ -28,6 +31,58 @@ log = logging.getLogger(__name__)
 
 class BundleError(RuntimeError):
     """A bundle that must not be served; the message names the file and what is wrong."""
+
+
+class SharedTables:
+    """The bundle's lookup tables (the embedding rows its graphs gather), mapped once from
+    the data file and handed to every session as its initializer.
+
+    Each session otherwise maps its own view of the file, and a gather's page faults bring
+    in pages around each row looked up (the kernel maps neighbours already in the page
+    cache): with the encoder and the step graph both reading the 58,101 x 512 fp32 table of
+    an opus-mt-sized model, both views ended nearly whole, 113 MB resident twice. Pages the
+    sessions touched while loading (folding a transpose of the table, for one) are dropped
+    from this process's resident set once they are open (``release``); the page cache keeps
+    them, so a later lookup costs a minor fault, not a read."""
+
+    def __init__(self, data_file: Path, entries: list[dict[str, Any]]) -> None:
+        self.values: dict[str, ort.OrtValue] = {}
+        self._arrays: list[np.ndarray] = []  # the memory the values point at
+        self._map: mmap.mmap | None = None
+        if not entries:
+            return
+        with data_file.open("rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        for entry in entries:
+            try:
+                dtype, shape = np.dtype(entry["dtype"]), tuple(int(d) for d in entry["shape"])
+                offset, length = int(entry["offset"]), int(entry["length"])
+                names = [str(n) for n in entry["names"]]
+            except (KeyError, TypeError, ValueError) as err:
+                raise BundleError(
+                    f"{data_file.parent / contract.MANIFEST_FILE}: bad lookup_tables entry "
+                    f"{entry!r} ({err})"
+                ) from err
+            count = math.prod(shape)
+            if count * dtype.itemsize != length or offset + length > len(self._map):
+                raise BundleError(
+                    f"{data_file}: lookup table {names} ({length} bytes at {offset}) does not "
+                    f"fit the file or its shape {list(shape)}"
+                )
+            array = np.frombuffer(self._map, dtype, count, offset).reshape(shape)
+            self._arrays.append(array)
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            for name in names:
+                self.values[name] = value
+
+    def add_to(self, options: ort.SessionOptions) -> None:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident set (they stay cached)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -44,6 +99,10 @@ class Bundle:
     # written in place among them (None: a bundle exported before it existed, or CUDA;
     # then decoder.onnx serves every call)
     step: ort.InferenceSession | None = None
+    # The step graph's LM head is screened in int8 (it takes ``exact_logits``; see
+    # ``contract.decoder_step_inputs``).
+    screened: bool = False
+    tables: SharedTables | None = None  # held for the sessions, which point into it
 
     @property
     def decoder(self) -> ort.InferenceSession:
@@ -175,7 +234,7 @@ def _graph_io(
     session: ort.InferenceSession, outputs: bool
 ) -> list[tuple[str, str, tuple[Any, ...]]]:
     items = session.get_outputs() if outputs else session.get_inputs()
-    kinds = {"tensor(int64)": "int64", "tensor(float)": "float"}
+    kinds = {"tensor(int64)": "int64", "tensor(float)": "float", "tensor(bool)": "bool"}
     return [(i.name, kinds.get(i.type, i.type), tuple(i.shape)) for i in items]
 
 
@@ -227,11 +286,18 @@ def load_bundle(
     specs = {
         contract.onnx_file(file, quantized): io for file, io in contract.graph_specs(config).items()
     }
+    step_file = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+    entries = manifest.get("lookup_tables", {}).get("int8" if quantized else "fp32", [])
+    tables = None
+    if entries and providers[0] == "CPUExecutionProvider":
+        tables = SharedTables(path / contract.onnx_data_file(quantized), entries)
 
     def session(file: str, check_only: bool = False) -> ort.InferenceSession:
         """``file``'s session, its inputs and outputs checked against the contract
         (``check_only``: a session for that check alone, unoptimized and unpacked)."""
         options = session_options(threads)
+        if tables is not None:
+            tables.add_to(options)
         if check_only:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.add_session_config_entry("session.disable_prepacking", "1")
@@ -240,16 +306,21 @@ def load_bundle(
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
         inputs, outputs = specs[file]
+        if file == step_file and contract.EXACT_LOGITS in {i.name for i in made.get_inputs()}:
+            inputs, outputs = contract.graph_specs(config, screened=True)[
+                contract.DECODER_STEP_FILE
+            ]
         # The full path, first in the message: the one line `seq2serve serve` prints names it.
         name = str(path / file)
         problems = contract.check_io(name, inputs, _graph_io(made, False), "inputs")
         problems += contract.check_io(name, outputs, _graph_io(made, True), "outputs")
         if problems:
             raise BundleError("; ".join(problems) + " (the graphs do not match the contract)")
+        if tables is not None:
+            tables.release()
         return made
 
     encoder = session(encoder_file)
-    step_file = contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
     step = None
     if step_file in manifest["files"] and providers[0] == "CPUExecutionProvider":
         verify_files(path, manifest, [step_file])
@@ -282,4 +353,6 @@ def load_bundle(
         quantized=quantized,
         provider=provider,
         step=step,
+        screened=step is not None and contract.EXACT_LOGITS in {i.name for i in step.get_inputs()},
+        tables=tables,
     )

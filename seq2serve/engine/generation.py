@@ -77,6 +77,12 @@ class SamplingParams:
         """Whether tokens are drawn at random: do_sample at a temperature that can be used."""
         return self.do_sample and self.temperature >= GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def exact_logits(self) -> bool:
+        """Whether choosing a token reads every logit, not only the best ones (a screened LM
+        head returns exact logits for a row's best tokens: enough for greedy decoding)."""
+        return self.sampling or self.repetition_penalty != 1.0 or self.num_beams > 1
+
 
 @dataclass
 class TokenEvent:
@@ -260,6 +266,7 @@ class DecodeBatch:
             enc_mask,
             [empty] * (2 * cfg.n_decoder_layers),
             cross,
+            exact_logits=any(s.params.exact_logits for s in seqs),
         )
         events = self._choose_next(seqs, out.logits[:, -1])
         keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
@@ -396,12 +403,13 @@ class DecodeBatch:
         input_ids = np.asarray(last, np.int64)[:, None]
         positions = [len(s.generated) if s is not None else 0 for s in self.slots]
         position_ids = np.asarray(positions, np.int64)[:, None]
+        exact = any(s.params.exact_logits for s in self.slots if s is not None)
         if self._in_place is not None:
-            logits = self._step_buffered(input_ids, position_ids)
+            logits = self._step_buffered(input_ids, position_ids, exact)
         else:
             dec_mask = np.concatenate([self.dec_mask, np.ones((b, 1), np.int64)], axis=1)
             out = self.backend.decode(
-                input_ids, position_ids, dec_mask, self.enc_mask, self.past, self.cross
+                input_ids, position_ids, dec_mask, self.enc_mask, self.past, self.cross, exact
             )
             self.past, self.dec_mask = out.present, dec_mask
             logits = out.logits[:, -1]  # (B, V)
@@ -414,7 +422,9 @@ class DecodeBatch:
             self.compact()
         return events
 
-    def _step_buffered(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _step_buffered(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, exact_logits: bool
+    ) -> np.ndarray:
         """``step``'s decoder call over the cache buffers: the new column is written in place
         (see ``OnnxBackend.step_in_place``). Returns the logits (B, V)."""
         backend = self._in_place
@@ -429,7 +439,9 @@ class DecodeBatch:
         arrays = (self._buffers, self.cross, self.enc_mask, mask.shape)
         if self._binding is None or not self._binding.serves(*arrays):
             self._binding = backend.bind_step(*arrays)
-        logits: np.ndarray = backend.step_in_place(self._binding, input_ids, position_ids, mask, p)
+        logits: np.ndarray = backend.step_in_place(
+            self._binding, input_ids, position_ids, mask, p, exact_logits
+        )
         self.past = self._views = [buffer[:, :, : p + 1] for buffer in self._buffers]
         self.dec_mask = np.ascontiguousarray(mask[:, : p + 1])
         return logits[:, -1]
@@ -541,6 +553,7 @@ def beam_search(
             batch.enc_mask,
             batch.past,
             batch.cross,
+            exact_logits=True,
         )
         logprobs = np.stack(
             [log_softmax(process_logits(out.logits[i, -1], histories[i], params)) for i in range(b)]

@@ -47,7 +47,13 @@ class Backend(Protocol):
         encoder_attention_mask: np.ndarray,
         past: list[np.ndarray],
         cross: list[np.ndarray],
-    ) -> DecoderResult: ...
+        exact_logits: bool = False,
+    ) -> DecoderResult:
+        """Logits (B, T, V) and the cache with the new tokens' columns. ``exact_logits``
+        false lets a step graph with a screened LM head return logits that are exact for
+        each row's best tokens only (the greedy token and its logit exact); sampling, beams
+        and repetition penalties ask for all of them."""
+        ...
 
 
 def cache_buffers(past: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
@@ -101,6 +107,7 @@ class OnnxBackend:
         encoder_attention_mask: np.ndarray,
         past: list[np.ndarray],
         cross: list[np.ndarray],
+        exact_logits: bool = False,
     ) -> DecoderResult:
         step = self.bundle.step
         if step is not None and input_ids.shape[1] == 1:
@@ -111,7 +118,7 @@ class OnnxBackend:
             binding = self.bind_step(
                 buffers, cross, encoder_attention_mask, decoder_attention_mask.shape
             )
-            logits = binding.run(input_ids, position_ids, decoder_attention_mask, p)
+            logits = binding.run(input_ids, position_ids, decoder_attention_mask, p, exact_logits)
             return DecoderResult(logits, buffers)
         feeds: dict[str, np.ndarray] = {
             "input_ids": input_ids,
@@ -144,6 +151,7 @@ class OnnxBackend:
         position_ids: np.ndarray,
         decoder_attention_mask: np.ndarray,
         write_index: int,
+        exact_logits: bool = False,
     ) -> np.ndarray:
         """One decode step (one new token per row) that writes the new keys/values into
         column ``write_index`` of the bound buffers and returns the logits (B, 1, V), valid
@@ -153,9 +161,11 @@ class OnnxBackend:
         The buffers are bound as both the graph's past input and its present output, so the
         cache is neither copied into a wider array nor returned: ``decode`` copies every
         cached column every step (13 % of an opus-mt-sized int8 step at batch 16 and 70
-        cached columns).
+        cached columns). ``exact_logits``: as for ``decode``.
         """
-        return binding.run(input_ids, position_ids, decoder_attention_mask, write_index)
+        return binding.run(
+            input_ids, position_ids, decoder_attention_mask, write_index, exact_logits
+        )
 
 
 class StepBinding:
@@ -180,6 +190,7 @@ class StepBinding:
         self.position_ids = np.zeros((b, 1), np.int64)
         self.decoder_attention_mask = np.zeros(mask_shape, np.int64)
         self.write_indices = np.zeros(b, np.int64)
+        self.exact_logits = np.zeros((), np.bool_)  # bound when the head is screened
         self.logits: np.ndarray = np.empty((b, 1, backend.config.vocab_size), np.float32)
         given = [encoder_attention_mask, *cross]
         self._held = [np.ascontiguousarray(encoder_attention_mask, np.int64)]
@@ -196,6 +207,8 @@ class StepBinding:
         bind("position_ids", self.position_ids)
         bind("decoder_attention_mask", self.decoder_attention_mask)
         bind(contract.WRITE_INDICES, self.write_indices)
+        if backend.bundle.screened:
+            bind(contract.EXACT_LOGITS, self.exact_logits)
         bind("encoder_attention_mask", self._held[0])
         for name, array in zip(backend._cross_names, self._held[1:], strict=True):
             bind(name, array)
@@ -231,11 +244,13 @@ class StepBinding:
         position_ids: np.ndarray,
         decoder_attention_mask: np.ndarray,
         write_index: int,
+        exact_logits: bool = False,
     ) -> np.ndarray:
         self.input_ids[...] = input_ids
         self.position_ids[...] = position_ids
         self.decoder_attention_mask[...] = decoder_attention_mask
         self.write_indices[...] = write_index
+        self.exact_logits[...] = exact_logits
         self.session.run_with_iobinding(self.binding)
         return self.logits
 

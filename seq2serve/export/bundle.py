@@ -28,6 +28,7 @@ from seq2serve.data.files import HELDOUT_FILE, read_heldout
 from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs, step_graph
 from seq2serve.export.quantize import quantize_int8, tie_int8_embedding
+from seq2serve.export.screen import is_screened, screen_head, wants_screen
 from seq2serve.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,37 @@ def share_weights(graphs: dict[str, onnx.ModelProto], data_file: Path) -> dict[s
     return {"stored_bytes": stored_bytes, "referenced_bytes": referenced}
 
 
-def _io_table(cfg: Any) -> dict[str, Any]:
+def lookup_tables(graphs: dict[str, onnx.ModelProto]) -> list[dict[str, Any]]:
+    """The stored tensors the graphs gather rows from (the embedding tables), each once:
+    where it is in the data file, its dtype, shape and its names in the graphs. The engine
+    maps each once and hands it to every session (``engine.bundle.shared_tables``)."""
+    tables: dict[tuple[int, int], dict[str, Any]] = {}
+    for graph in graphs.values():
+        gathered = {n.input[0] for n in graph.graph.node if n.op_type == "Gather"}
+        for init in graph.graph.initializer:
+            if init.name not in gathered or init.data_location != TensorProto.EXTERNAL:
+                continue
+            where = {e.key: e.value for e in init.external_data}
+            key = (int(where["offset"]), int(where["length"]))
+            entry = tables.setdefault(
+                key,
+                {
+                    "offset": key[0],
+                    "length": key[1],
+                    "dtype": helper.tensor_dtype_to_np_dtype(init.data_type).name,
+                    "shape": list(init.dims),
+                    "names": [],
+                },
+            )
+            if init.name not in entry["names"]:
+                entry["names"].append(init.name)
+    return [tables[k] for k in sorted(tables)]
+
+
+def _io_table(cfg: Any, screened: bool) -> dict[str, Any]:
+    """The fp32 graphs' inputs and outputs (the int8 step graph has no ``exact_logits``)."""
     table = {}
-    for file, (inputs, outputs) in contract.graph_specs(cfg).items():
+    for file, (inputs, outputs) in contract.graph_specs(cfg, screened).items():
         table[file] = {
             "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in inputs],
             "outputs": [
@@ -128,9 +157,16 @@ def _io_table(cfg: Any) -> dict[str, Any]:
 
 
 def export_bundle(
-    ckpt: Path, out: Path, quantize: str | None = None, verify: bool = False
+    ckpt: Path,
+    out: Path,
+    quantize: str | None = None,
+    verify: bool = False,
+    screen: bool | None = None,
 ) -> dict[str, Any]:
-    """Write the bundle for checkpoint ``ckpt`` to ``out``; returns the manifest."""
+    """Write the bundle for checkpoint ``ckpt`` to ``out``; returns the manifest.
+
+    ``screen``: whether the fp32 step graph's LM head is screened in int8 and rescored
+    exactly (``seq2serve.export.screen``); None: when the head is large enough to pay."""
     ckpt, out = Path(ckpt), Path(out)
     model, _ = load_model(ckpt)
     cfg = model.cfg
@@ -161,12 +197,19 @@ def export_bundle(
             tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
-        for graphs in variants.values():
-            graphs[contract.DECODER_STEP_FILE] = step_graph(graphs[contract.DECODER_FILE], cfg)
-        sizes = {}
+        for quantized, graphs in variants.items():
+            step = step_graph(graphs[contract.DECODER_FILE], cfg)
+            if screen is None:
+                screen = wants_screen(cfg.vocab_size, cfg.d_model)
+            if screen and not quantized:  # the int8 head is int8 already
+                log.info("screening the fp32 step graph's LM head in int8")
+                screen_head(step)
+            graphs[contract.DECODER_STEP_FILE] = step
+        sizes, tables = {}, {}
         for quantized, graphs in variants.items():
             data_file = tmp / contract.onnx_data_file(quantized)
             sizes["int8" if quantized else "fp32"] = share_weights(graphs, data_file)
+            tables["int8" if quantized else "fp32"] = lookup_tables(graphs)
             for f, proto in graphs.items():
                 onnx.save_model(proto, str(tmp / contract.onnx_file(f, quantized)))
         shutil.rmtree(raw)
@@ -176,8 +219,9 @@ def export_bundle(
             "seq2serve_version": seq2serve.__version__,
             "exporter": f"torch.onnx (dynamo) {torch.__version__}, onnx {onnx.__version__}",
             "opset": OPSET,
-            "io": _io_table(cfg),
+            "io": _io_table(cfg, is_screened(variants[False][contract.DECODER_STEP_FILE])),
             "weights": sizes,
+            "lookup_tables": tables,
         }
         metrics_file = ckpt / "metrics.json"
         if metrics_file.exists():

@@ -2,8 +2,9 @@
 
 Random inputs with padding; every figure is a max absolute difference:
 encoder outputs and cross K/V, decoder logits for a prefill, for step-by-step decoding with
-past (and with ``decoder_step.onnx`` over cache buffers written in place), and for a batch
-whose rows hold different numbers of real tokens.
+past (and with ``decoder_step.onnx`` over cache buffers written in place; with a screened LM
+head, also the greedy tokens it picks and their logits), and for a batch whose rows hold
+different numbers of real tokens.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def verify_parity(
             src_mask.numpy(),
             past,
             enc.cross,
+            exact_logits=True,
         )
         past = out.present
         worst = max(worst, _max_diff(out.logits, reference[:, start:stop]))
@@ -93,16 +95,26 @@ def verify_parity(
         )
         capacity = t + 4
         buffers = cache_buffers(first.present, b, capacity)
-        worst = 0.0
+        worst, best_logit, mismatches = 0.0, 0.0, 0
         binding = backend.bind_step(buffers, enc.cross, src_mask.numpy(), (b, capacity))
         for i in range(3, t):
             mask = np.zeros((b, capacity), np.int64)
             mask[:, : i + 1] = 1
-            logits = backend.step_in_place(
-                binding, tgt[:, i : i + 1].numpy(), positions[:, i : i + 1].numpy(), mask, i
-            )
-            worst = max(worst, _max_diff(logits, reference[:, i : i + 1]))
+            args = (binding, tgt[:, i : i + 1].numpy(), positions[:, i : i + 1].numpy(), mask, i)
+            want = reference[:, i].numpy()  # (B, V)
+            if backend.bundle.screened:
+                # The screened head (exact_logits false): the same greedy token and its logit.
+                screened = backend.step_in_place(*args)[:, 0]
+                picked = screened.argmax(axis=-1)
+                mismatches += int((picked != want.argmax(axis=-1)).sum())
+                rows = np.arange(b)
+                best_logit = max(best_logit, _max_diff(screened[rows, picked], want[rows, picked]))
+            logits = backend.step_in_place(*args, exact_logits=True)  # rewrites the same column
+            worst = max(worst, _max_diff(logits[:, 0], want))
         figures["decoder_step_in_place_logits"] = worst
+        if backend.bundle.screened:
+            figures["decoder_step_screened_argmax_mismatches"] = mismatches
+            figures["decoder_step_screened_best_logit"] = best_logit
 
     # Ragged rows: row 1 joined 2 steps late (two masked holes), row 2 is right-padded.
     ragged_mask = dec_mask.clone()

@@ -58,6 +58,7 @@ class TorchBackend:
         encoder_attention_mask: np.ndarray,
         past: list[np.ndarray],
         cross: list[np.ndarray],
+        exact_logits: bool = False,  # every logit here is exact
     ) -> DecoderResult:
         n = self.config.n_decoder_layers
         cache = KVCache(

@@ -1,0 +1,172 @@
+"""The fp32 step graph's screened LM head: int8 screen, exact rescoring, certificate.
+
+Against a bundle of the same checkpoint exported without the screen: greedy tokens
+identical, the chosen tokens' logits exact, every logit exact when asked for or when the
+certificate fails, sampling and beams reading exact logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from seq2serve import contract
+from seq2serve.engine.bundle import load_bundle
+from seq2serve.engine.generation import (
+    DecodeBatch,
+    SamplingParams,
+    beam_search,
+    run_to_completion,
+)
+from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.export import screen
+from seq2serve.export.bundle import export_bundle
+from tests.conftest import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("screen") / "ckpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoint, tmp_path_factory):
+    """(screened, exact) bundles of one checkpoint."""
+    out = tmp_path_factory.mktemp("screen")
+    export_bundle(checkpoint, out / "screened", screen=True, verify=True)
+    export_bundle(checkpoint, out / "exact", screen=False)
+    return out / "screened", out / "exact"
+
+
+def _first_steps(backend: OnnxBackend, rows: int, seed: int, exact: bool) -> np.ndarray:
+    """Logits (rows, V) of a first decoder step over random sources."""
+    cfg = backend.config
+    rng = np.random.default_rng(seed)
+    src = rng.integers(10, cfg.vocab_size, (rows, 9))
+    mask = np.ones_like(src)
+    cross = backend.encode(src, mask).cross
+    empty = [np.zeros((rows, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (
+        2 * cfg.n_decoder_layers
+    )
+    ids = rng.integers(10, cfg.vocab_size, (rows, 1))
+    out = backend.decode(
+        ids, np.zeros((rows, 1), np.int64), np.ones((rows, 1), np.int64), mask, empty, cross, exact
+    )
+    return out.logits[:, 0]
+
+
+def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundles):
+    screened, exact = bundles
+    assert load_bundle(screened).screened and not load_bundle(exact).screened
+    manifest = json.loads((screened / contract.MANIFEST_FILE).read_text())
+    inputs = [i["name"] for i in manifest["io"][contract.DECODER_STEP_FILE]["inputs"]]
+    assert inputs[-1] == contract.EXACT_LOGITS
+    graph = onnx.load(str(screened / contract.DECODER_STEP_FILE), load_external_data=False).graph
+    table = next(n.input[0] for n in graph.node if n.op_type == "Gather")
+    # The table is read as stored (lookup, rescoring, exact branch); nothing transposes it.
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == table]
+    weights = {i.name: i for i in graph.initializer}
+    assert weights[screen.PREFIX + "weight"].data_type == onnx.TensorProto.INT8
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(bundles, rows):
+    screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
+    for seed in range(6):
+        fast = _first_steps(screened, rows, seed, exact=False)
+        full = _first_steps(exact, rows, seed, exact=False)
+        picked = fast.argmax(-1)
+        assert (picked == full.argmax(-1)).all()
+        # The candidates' logits are exact, the chosen one among them ...
+        chosen = np.arange(rows), picked
+        np.testing.assert_allclose(fast[chosen], full[chosen], atol=1e-5)
+        assert ((np.abs(fast - full) <= 1e-5).sum(-1) >= screen.SCREEN_CANDIDATES).all()
+        # ... and the rest come from the int8 screen: close, not equal (it was used).
+        assert 1e-6 < np.abs(fast - full).max() < 0.5
+
+
+def test_exact_logits_asked_for_are_exact(bundles):
+    screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
+    for seed in range(3):
+        np.testing.assert_allclose(
+            _first_steps(screened, 4, seed, exact=True),
+            _first_steps(exact, 4, seed, exact=False),
+            atol=1e-5,
+        )
+
+
+def test_an_uncertified_step_returns_exact_logits(checkpoint, bundles, tmp_path, monkeypatch):
+    """A margin no candidate can clear: the certificate fails on every row and the graph
+    computes every logit exactly."""
+    monkeypatch.setattr(screen, "ABSOLUTE_MARGIN", 1e6)
+    export_bundle(checkpoint, tmp_path / "never", screen=True)
+    never = OnnxBackend(load_bundle(tmp_path / "never"))
+    exact = OnnxBackend(load_bundle(bundles[1]))
+    np.testing.assert_allclose(
+        _first_steps(never, 3, 0, exact=False), _first_steps(exact, 3, 0, exact=False), atol=1e-5
+    )
+
+
+def test_greedy_generation_matches_the_exact_head(bundles):
+    screened, exact = (load_bundle(b) for b in bundles)
+    manifest = json.loads((bundles[0] / contract.MANIFEST_FILE).read_text())
+    assert manifest["parity"]["fp32"]["decoder_step_screened_argmax_mismatches"] == 0
+    rng = np.random.default_rng(7)
+    sources = [[*rng.integers(10, screened.config.vocab_size, n).tolist(), 2] for n in (5, 9, 14)]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    runs = []
+    for bundle in (screened, exact):
+        batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
+        runs.append(run_to_completion(batch, [batch.new_sequence(s, params) for s in sources]))
+    for fast, full in zip(*runs, strict=True):
+        assert fast.generated == full.generated
+        # The normalizer of each log-probability sums the screen's int8 logits: off by
+        # about 1e-3 on this tiny model, whose 400 tokens' probabilities are nearly flat.
+        np.testing.assert_allclose(fast.logprobs, full.logprobs, atol=5e-3)
+
+
+class Recording(OnnxBackend):
+    """Records each in-place step's ``exact_logits``."""
+
+    def __init__(self, bundle) -> None:
+        super().__init__(bundle)
+        self.asked: list[bool] = []
+
+    def step_in_place(self, *args, **kwargs):
+        self.asked.append(bool(args[5] if len(args) > 5 else kwargs.get("exact_logits")))
+        return super().step_in_place(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("params", "asks"),
+    [
+        (SamplingParams(max_new_tokens=6), False),
+        (SamplingParams(max_new_tokens=6, do_sample=True, seed=1), True),
+        (SamplingParams(max_new_tokens=6, repetition_penalty=1.3), True),
+    ],
+)
+def test_choices_that_read_every_logit_ask_for_exact_logits(bundles, params, asks):
+    bundle = load_bundle(bundles[0])
+    backend = Recording(bundle)
+    batch = DecodeBatch(backend, bundle.tokenizer)
+    greedy = SamplingParams(max_new_tokens=6)
+    seqs = [batch.new_sequence([5, 6, 7, 2], greedy), batch.new_sequence([8, 9, 2], params)]
+    run_to_completion(batch, seqs)
+    assert backend.asked and set(backend.asked) == {asks}
+
+
+def test_sampling_and_beams_match_the_exact_head(bundles):
+    screened, exact = (load_bundle(b) for b in bundles)
+    source = [11, 12, 13, 14, 2]
+    sampled = []
+    for bundle in (screened, exact):
+        batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
+        params = SamplingParams(max_new_tokens=16, do_sample=True, seed=5, ignore_eos=True)
+        (seq,) = run_to_completion(batch, [batch.new_sequence(source, params)])
+        beams = beam_search(
+            OnnxBackend(bundle), bundle.tokenizer, source, SamplingParams(12, num_beams=3)
+        )
+        sampled.append((seq.generated, beams.generated))
+    assert sampled[0] == sampled[1]
