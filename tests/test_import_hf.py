@@ -181,13 +181,15 @@ def build_bart(out: Path, with_tokenizer_json: bool = True) -> Path:
 
 @pytest.fixture(scope="module", params=["marian", "bart"])
 def imported(request, tmp_path_factory) -> dict:
-    """One architecture, end to end: HF dir, imported checkpoint, exported bundle."""
+    """One architecture, end to end: HF dir, imported checkpoint, exported bundle (its fp32
+    step graph's LM head screened, as an opus-mt-sized model's is: greedy tokens must still
+    be transformers')."""
     root = tmp_path_factory.mktemp(request.param)
     hf_dir = build_marian(root) if request.param == "marian" else build_bart(root)
     ckpt = root / "ckpt"
     assert cli_main(["import-hf", str(hf_dir), "--out", str(ckpt)]) == 0
     bundle = root / "bundle"
-    export_bundle(ckpt, bundle)
+    export_bundle(ckpt, bundle, screen=True)
     return {
         "kind": request.param,
         "hf_dir": hf_dir,
@@ -300,6 +302,7 @@ def test_greedy_generation_matches_transformers(imported, padded) -> None:
         expected.append(row)
 
     bundle = load_bundle(imported["bundle"])
+    assert bundle.screened
     batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens)
     seqs = [batch.new_sequence(bundle.tokenizer.encode(t).ids, params) for t in texts]

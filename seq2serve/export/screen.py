@@ -65,6 +65,23 @@ def _const(name: str, value: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(value, PREFIX + name)
 
 
+def _find(graph: onnx.GraphProto, name: str) -> TensorProto:
+    return next(i for i in graph.initializer if i.name == name)
+
+
+def _table_of(graph: onnx.GraphProto, table: np.ndarray) -> str:
+    """The name of the initializer the graph gathers rows from that holds ``table`` (V, C),
+    added when none does."""
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    for init in graph.initializer:
+        same_shape = init.name in gathered and tuple(init.dims) == table.shape
+        if same_shape and np.array_equal(numpy_helper.to_array(init), table):
+            return init.name
+    name = PREFIX + "table"
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), name))
+    return name
+
+
 def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> None:
     """Rewrite ``step``'s tied LM head (``MatMul(h, Transpose(E))`` plus the optional
     ``final_logits_bias``) in place as above, adding the ``exact_logits`` input."""
@@ -82,16 +99,20 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
         head, removed = last, [last]
     if head.op_type != "MatMul":
         raise ValueError(f"the logits come from {head.op_type}, not the tied head's MatMul")
-    transpose = producer.get(head.input[1])
-    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in inits:
+    hidden, weight = head.input
+    if sum(weight in n.input for n in nodes) != 1:
+        raise ValueError("the LM head's weight feeds more than the head")
+    transpose = producer.get(weight)
+    if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in inits:
+        table = transpose.input[0]  # MatMul(h, Transpose(E)), as exported
+        removed.append(transpose)
+    elif weight in inits:  # the exporter folded the transpose of a small table: E.T stored
+        table = _table_of(graph, numpy_helper.to_array(inits[weight]).T)
+        graph.initializer.remove(inits[weight])
+    else:
         raise ValueError("the LM head is not MatMul(h, Transpose(embedding))")
-    hidden, table = head.input[0], transpose.input[0]
-    users = [n for n in nodes if transpose.output[0] in n.input]
-    if users != [head]:
-        raise ValueError("the transposed embedding feeds more than the head")
-    removed.append(transpose)
 
-    embedding = numpy_helper.to_array(inits[table]).astype(np.float32)  # (V, C)
+    embedding = numpy_helper.to_array(_find(graph, table)).astype(np.float32)  # (V, C)
     vocab, channels = embedding.shape
     k = min(candidates, vocab - 1)
     scale = np.abs(embedding).max(axis=1) / 127.0  # (V,), 0 for an all-zero row
