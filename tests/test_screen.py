@@ -170,3 +170,42 @@ def test_sampling_and_beams_match_the_exact_head(bundles):
         )
         sampled.append((seq.generated, beams.generated))
     assert sampled[0] == sampled[1]
+
+
+def test_a_server_on_the_screened_bundle_streams_the_exact_heads_tokens(bundles):
+    """Greedy and seeded sampling requests at once, streamed, through a real server over
+    the screened bundle: each stream's tokens are the exact bundle's for the same request
+    (greedy through the screen, sampling through exact logits the same batch asked for)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.service_helpers import running_server, settings_for, sse_events
+
+    texts = ["12 34 56", "hello there", "999 1000", "the cat"]
+    bodies = [
+        {"inputs": t, "parameters": {"max_new_tokens": 16, "details": True, "seed": 3 + i}}
+        for i, t in enumerate(texts)
+    ]
+    for body in bodies[1::2]:
+        body["parameters"] |= {"do_sample": True, "temperature": 1.5}
+
+    def run(bundle, streamed: bool) -> list[list[int]]:
+        with running_server(settings_for(bundle)) as server, server.client() as client:
+
+            def one(body) -> list[int]:
+                if not streamed:
+                    r = client.post("/v1/generate", json=body)
+                    assert r.status_code == 200, r.text
+                    return [t["id"] for t in r.json()["details"]["tokens"]]
+                with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                    assert r.status_code == 200
+                    r.read()
+                    events = [json.loads(e["data"]) for e in sse_events(r) if "data" in e]
+                    return [e["token"]["id"] for e in events]
+
+            with ThreadPoolExecutor(len(bodies)) as pool:
+                return list(pool.map(one, bodies))
+
+    screened, exact = bundles
+    expected = run(exact, streamed=False)
+    assert run(screened, streamed=True) == expected
+    assert all(len(ids) == 16 for ids in expected)
