@@ -87,12 +87,13 @@ def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(bundles, rows):
         assert 1e-6 < np.abs(fast - full).max() < 0.5
 
 
-def test_exact_logits_asked_for_are_exact(bundles):
+@pytest.mark.parametrize("rows", [1, 4])  # the exact head's two forms: one row, several
+def test_exact_logits_asked_for_are_exact(bundles, rows):
     screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
     for seed in range(3):
         np.testing.assert_allclose(
-            _first_steps(screened, 4, seed, exact=True),
-            _first_steps(exact, 4, seed, exact=False),
+            _first_steps(screened, rows, seed, exact=True),
+            _first_steps(exact, rows, seed, exact=False),
             atol=1e-5,
         )
 
