@@ -238,6 +238,11 @@ def _graph_io(
     return [(i.name, kinds.get(i.type, i.type), tuple(i.shape)) for i in items]
 
 
+def takes_exact_logits(step: ort.InferenceSession) -> bool:
+    """Whether a step graph's LM head is screened (see ``contract.decoder_step_inputs``)."""
+    return any(i.name == contract.EXACT_LOGITS for i in step.get_inputs())
+
+
 def check_files(path: str | Path, quantized: bool = False) -> tuple[dict[str, Any], ModelConfig]:
     """The checks that need no session: manifest, checksums, config. Cheap enough to run
     before a server starts, so a bad bundle is refused with one clear line."""
@@ -306,7 +311,7 @@ def load_bundle(
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{path / file}: onnxruntime cannot load it ({err})") from err
         inputs, outputs = specs[file]
-        if file == step_file and contract.EXACT_LOGITS in {i.name for i in made.get_inputs()}:
+        if file == step_file and takes_exact_logits(made):
             inputs, outputs = contract.graph_specs(config, screened=True)[
                 contract.DECODER_STEP_FILE
             ]
@@ -353,6 +358,6 @@ def load_bundle(
         quantized=quantized,
         provider=provider,
         step=step,
-        screened=step is not None and contract.EXACT_LOGITS in {i.name for i in step.get_inputs()},
+        screened=step is not None and takes_exact_logits(step),
         tables=tables,
     )
