@@ -119,7 +119,7 @@ def share_weights(graphs: dict[str, onnx.ModelProto], data_file: Path) -> dict[s
 def lookup_tables(graphs: dict[str, onnx.ModelProto]) -> list[dict[str, Any]]:
     """The stored tensors the graphs gather rows from (the embedding tables), each once:
     where it is in the data file, its dtype, shape and its names in the graphs. The engine
-    maps each once and hands it to every session (``engine.bundle.shared_tables``)."""
+    maps each once and hands it to every session (``engine.bundle.SharedTables``)."""
     tables: dict[tuple[int, int], dict[str, Any]] = {}
     for graph in graphs.values():
         gathered = {n.input[0] for n in graph.graph.node if n.op_type == "Gather"}
@@ -197,10 +197,10 @@ def export_bundle(
             tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
+        if screen is None:
+            screen = wants_screen(cfg.vocab_size, cfg.d_model)
         for quantized, graphs in variants.items():
             step = step_graph(graphs[contract.DECODER_FILE], cfg)
-            if screen is None:
-                screen = wants_screen(cfg.vocab_size, cfg.d_model)
             if screen and not quantized:  # the int8 head is int8 already
                 log.info("screening the fp32 step graph's LM head in int8")
                 screen_head(step)

@@ -155,15 +155,12 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
     new = [
         # 0. the screen's rows: every row, or none when exact logits are asked for (the
         #    screen's work then costs nothing: a sampling step pays only the exact head)
-        helper.make_node("Identity", [hidden], [p + "hidden"]),
-        helper.make_node("Shape", [p + "hidden"], [p + "shape"]),  # (B, T, C)
+        helper.make_node("Shape", [hidden], [p + "shape"]),  # (B, T, C)
         helper.make_node("Slice", [p + "shape", p + "zero", p + "one"], [p + "batch"]),
         helper.make_node("Cast", [contract.EXACT_LOGITS], [p + "exact_i"], to=TensorProto.INT64),
         helper.make_node("Mul", [p + "batch", p + "exact_i"], [p + "skipped"]),
         helper.make_node("Sub", [p + "batch", p + "skipped"], [p + "screened_rows"]),
-        helper.make_node(
-            "Slice", [p + "hidden", p + "zero", p + "screened_rows", p + "zero"], [p + "h"]
-        ),
+        helper.make_node("Slice", [hidden, p + "zero", p + "screened_rows", p + "zero"], [p + "h"]),
         # 1. the screen: int8 logits A (B, T, V), T = 1
         helper.make_node("DynamicQuantizeLinear", [p + "h"], [p + "hq", p + "hs", p + "hz"]),
         helper.make_node("MatMulInteger", [p + "hq", p + "weight", p + "hz"], [p + "acc"]),
@@ -211,7 +208,7 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
             [logits_out.name],
             then_branch=helper.make_graph(
                 [
-                    helper.make_node("Reshape", [p + "hidden", p + "rows_by_channels"], [p + "h2"]),
+                    helper.make_node("Reshape", [hidden, p + "rows_by_channels"], [p + "h2"]),
                     helper.make_node("Equal", [p + "batch", p + "one"], [p + "single"]),
                     # The table is an outer-scope value here, so no kernel packs a copy of
                     # it: one row reads it as stored (E h) at the packed head's speed; more
