@@ -305,6 +305,21 @@ def test_int8_bundle_quantizes_the_tied_head_and_stores_the_table_once(tiny_bund
     assert size < params * 1.25 + 64 * 1024, (size, params)
 
 
+def test_int8_weights_stay_where_no_cpu_saturates(tiny_bundle):
+    """Without VNNI, onnxruntime's uint8 x int8 kernel adds pairs of products in 16 bits and
+    clips them: weights within +-64 keep every pair (2 x 255 x 64) exact on every CPU."""
+    for f in (contract.ENCODER_FILE, contract.DECODER_FILE, contract.DECODER_STEP_FILE):
+        graph = onnx.load(str(tiny_bundle / contract.onnx_file(f, True))).graph
+        int8 = [
+            onnx.numpy_helper.to_array(i)
+            for i in graph.initializer
+            if i.data_type == onnx.TensorProto.INT8
+        ]
+        assert int8, f
+        largest = max(int(np.abs(w.astype(np.int32)).max()) for w in int8)
+        assert largest <= quantize.SATURATION_FREE_WEIGHT, (f, largest)
+
+
 def test_int8_logits_follow_fp32(tiny_bundle):
     """int8 logits track fp32's (the task-level agreement is measured on the trained default
     model, whose int8 bars are in its manifest and in test_default_model)."""

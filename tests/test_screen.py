@@ -21,7 +21,7 @@ from seq2serve.engine.generation import (
     run_to_completion,
 )
 from seq2serve.engine.runtime import OnnxBackend
-from seq2serve.export import screen
+from seq2serve.export import quantize, screen
 from seq2serve.export.bundle import export_bundle
 from tests.conftest import make_checkpoint
 
@@ -69,6 +69,12 @@ def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundl
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] == table]
     weights = {i.name: i for i in graph.initializer}
     assert weights[screen.PREFIX + "weight"].data_type == onnx.TensorProto.INT8
+    # within the range no CPU's uint8 x int8 kernel saturates on (the bound assumes exact
+    # integer products)
+    table = onnx.load(str(screened / contract.DECODER_STEP_FILE)).graph
+    (weight,) = [i for i in table.initializer if i.name == screen.PREFIX + "weight"]
+    largest = int(np.abs(onnx.numpy_helper.to_array(weight).astype(np.int32)).max())
+    assert largest == quantize.SATURATION_FREE_WEIGHT
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -6,7 +6,8 @@ for opus-mt: 119 MB of the step's 210) is most of them. ``screen_head`` rewrites
 changing which token greedy decoding picks:
 
 1. screen: ``A = dequant(quant(h) @ Wq) + bias``, the int8 logits (``Wq``: the embedding
-   quantized per row, symmetric; ``h`` quantized per call, as onnxruntime's dynamic
+   quantized per row, symmetric, to 7 bits, so that the uint8 x int8 product is exact on
+   every CPU (see ``quantize``); ``h`` quantized per call, as onnxruntime's dynamic
    quantization does);
 2. bound: ``|logit_j - A_j| <= ||h_q||_1 * max|w_j - w_q,j| + max|h - h_q| * ||w_j||_1`` for
    every token j (``h_q``, ``w_q``: the dequantized values), from the two rounding errors: the
@@ -35,11 +36,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from seq2serve import contract
+from seq2serve.export.quantize import SATURATION_FREE_WEIGHT
 
 # Exactly rescored tokens a row: the certificate needs the best of them above the bound of
 # the rest, which random-weight and trained models met on every step measured with 16.
 SCREEN_CANDIDATES = 16
-# Margin on the bound for float rounding: the int8 dot products are exact in int32, and the
+# Margin on the bound for float rounding: the int8 dot products are exact in int32 (the
+# weights stay within SATURATION_FREE_WEIGHT: a saturating kernel would break the bound), and the
 # scaling and the fp32 rescoring round at about 1e-6 of a logit, so an absolute 1e-3 covers
 # logits into the hundreds (those measured are below 30).
 RELATIVE_MARGIN = 1e-3
@@ -116,8 +119,9 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
     embedding = numpy_helper.to_array(_find(graph, table)).astype(np.float32)  # (V, C)
     vocab, channels = embedding.shape
     k = min(candidates, vocab - 1)
-    scale = np.abs(embedding).max(axis=1) / 127.0  # (V,), 0 for an all-zero row
-    rows_q = np.clip(np.rint(embedding / np.where(scale > 0, scale, 1)[:, None]), -127, 127)
+    levels = SATURATION_FREE_WEIGHT
+    scale = np.abs(embedding).max(axis=1) / levels  # (V,), 0 for an all-zero row
+    rows_q = np.clip(np.rint(embedding / np.where(scale > 0, scale, 1)[:, None]), -levels, levels)
     rows_q = rows_q.astype(np.int8)
     weight_error = np.abs(embedding - rows_q * scale[:, None]).max()
     l1 = np.abs(embedding).sum(axis=1)
