@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -82,9 +83,15 @@ def test_an_engine_fault_fails_one_request_alone(tiny_bundle, monkeypatch):
             with srv.client() as own:
                 results[text] = _generate(own, text, stream=True)
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in [POISON, *OTHERS]]
-        for t in threads:
+        threads = [threading.Thread(target=run, args=(t,)) for t in [*OTHERS, POISON]]
+        # The others first, and in the batch before the poisoned request comes: on a slow
+        # host, requests sent together could reach the engine more than two steps apart.
+        for t in threads[:-1]:
             t.start()
+        deadline = time.monotonic() + 30
+        while engine.active_sequences < len(OTHERS) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        threads[-1].start()
         for t in threads:
             t.join(60)
         bad = results[POISON]
