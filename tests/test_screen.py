@@ -71,8 +71,8 @@ def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundl
     assert weights[screen.PREFIX + "weight"].data_type == onnx.TensorProto.INT8
     # within the range no CPU's uint8 x int8 kernel saturates on (the bound assumes exact
     # integer products)
-    table = onnx.load(str(screened / contract.DECODER_STEP_FILE)).graph
-    (weight,) = [i for i in table.initializer if i.name == screen.PREFIX + "weight"]
+    stored = onnx.load(str(screened / contract.DECODER_STEP_FILE)).graph  # with the data
+    (weight,) = [i for i in stored.initializer if i.name == screen.PREFIX + "weight"]
     largest = int(np.abs(onnx.numpy_helper.to_array(weight).astype(np.int32)).max())
     assert largest == quantize.SATURATION_FREE_WEIGHT
 

@@ -19,7 +19,7 @@ x86 CPUs without VNNI (AVX2: AMD Zen 1-3, Intel before Cascade Lake) onnxruntime
 kernel adds pairs of products in 16 bits with saturation (``vpmaddubsw``): with 8-bit
 weights a pair reaches 2 x 255 x 127 = 64,770 and is clipped to 32,767. Measured on such a
 CPU (AMD EPYC, Zen 1): a MatMulInteger of 255s by 127s came out at half its value, and a
-tiny model's int8 logits correlated 0.973 with fp32's instead of 0.999. With 7-bit weights a
+tiny model's int8 logits correlated 0.973 with fp32's (above 0.99 with 7 bits). With 7-bit weights a
 pair is at most 2 x 255 x 64 = 32,640: exact on every CPU, so a bundle computes the same
 everywhere, at the price of a coarser weight grid (its figures are in the manifest).
 """
