@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -15,6 +17,18 @@ from seq2serve.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "models" / "default"
+
+
+def largest_int8(graph_file: Path, name: str | None = None) -> int:
+    """The largest magnitude among a graph's int8 initializers (or the one called ``name``)."""
+    graph = onnx.load(str(graph_file)).graph
+    weights = [
+        onnx.numpy_helper.to_array(i).astype(np.int32)
+        for i in graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and name in (None, i.name)
+    ]
+    assert weights, (graph_file, name)
+    return max(int(np.abs(w).max()) for w in weights)
 
 
 def make_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:

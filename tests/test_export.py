@@ -19,6 +19,7 @@ from seq2serve.export import quantize
 from seq2serve.export.bundle import sha256_file
 from seq2serve.export.verify import verify_parity
 from seq2serve.model.checkpoint import load_model
+from tests.conftest import largest_int8
 
 
 def _io(values) -> list[tuple[str, str, tuple]]:
@@ -309,14 +310,7 @@ def test_int8_weights_stay_where_no_cpu_saturates(tiny_bundle):
     """Without VNNI, onnxruntime's uint8 x int8 kernel adds pairs of products in 16 bits and
     clips them: weights within +-64 keep every pair (2 x 255 x 64) exact on every CPU."""
     for f in (contract.ENCODER_FILE, contract.DECODER_FILE, contract.DECODER_STEP_FILE):
-        graph = onnx.load(str(tiny_bundle / contract.onnx_file(f, True))).graph
-        int8 = [
-            onnx.numpy_helper.to_array(i)
-            for i in graph.initializer
-            if i.data_type == onnx.TensorProto.INT8
-        ]
-        assert int8, f
-        largest = max(int(np.abs(w.astype(np.int32)).max()) for w in int8)
+        largest = largest_int8(tiny_bundle / contract.onnx_file(f, True))
         assert largest <= quantize.SATURATION_FREE_WEIGHT, (f, largest)
 
 

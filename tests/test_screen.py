@@ -23,7 +23,7 @@ from seq2serve.engine.generation import (
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import quantize, screen
 from seq2serve.export.bundle import export_bundle
-from tests.conftest import make_checkpoint
+from tests.conftest import largest_int8, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,7 @@ def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundl
     assert weights[screen.PREFIX + "weight"].data_type == onnx.TensorProto.INT8
     # within the range no CPU's uint8 x int8 kernel saturates on (the bound assumes exact
     # integer products)
-    stored = onnx.load(str(screened / contract.DECODER_STEP_FILE)).graph  # with the data
-    (weight,) = [i for i in stored.initializer if i.name == screen.PREFIX + "weight"]
-    largest = int(np.abs(onnx.numpy_helper.to_array(weight).astype(np.int32)).max())
+    largest = largest_int8(screened / contract.DECODER_STEP_FILE, screen.PREFIX + "weight")
     assert largest == quantize.SATURATION_FREE_WEIGHT
 
 
