@@ -55,6 +55,11 @@ class Backend(Protocol):
         and repetition penalties ask for all of them."""
         ...
 
+    def release_memory(self) -> None:
+        """Hand back what loading and warming up brought into memory that serving need not
+        keep (the engine calls it once it is warm)."""
+        ...
+
 
 def cache_buffers(past: list[np.ndarray], rows: int, capacity: int) -> list[np.ndarray]:
     """Buffers (rows, H, capacity, D) for ``step_in_place`` with ``past`` (B, H, P, D) copied
@@ -130,6 +135,11 @@ class OnnxBackend:
         feeds.update(zip(self._cross_names, cross, strict=True))
         out = self.bundle.decoder.run(self._decoder_outputs, feeds)
         return DecoderResult(out[0], list(out[1:]))
+
+    def release_memory(self) -> None:
+        # The lookup tables: warm-up asked for exact logits, which read all of the table.
+        if self.bundle.tables is not None:
+            self.bundle.tables.release()
 
     def bind_step(
         self,
@@ -269,7 +279,7 @@ class LogSoftmax:
     def __init__(self) -> None:
         graph = resources.files("seq2serve.engine").joinpath("log_softmax.onnx").read_bytes()
         self._session = ort.InferenceSession(
-            graph, session_options(None), providers=["CPUExecutionProvider"]
+            graph, session_options(None, arena=True), providers=["CPUExecutionProvider"]
         )
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:

@@ -19,14 +19,13 @@ continuous batch.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve.config import ModelConfig
+from seq2serve.engine import memory
 from seq2serve.engine.bundle import pool_thread_ids
 from seq2serve.engine.generation import (
     DecodeBatch,
@@ -135,25 +135,9 @@ class GenerationStream:
         return self.sequence
 
 
-def _load_trim() -> Callable[[], None]:
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-
-    def release() -> None:
-        trim(0)
-
-    return release
-
-
-# Hand the memory a burst of work freed back to the system when the engine goes idle. With
-# onnxruntime's arena off, activations come from malloc, which keeps what a mix of shapes
-# freed (a 20-second soak of sources from 2 to 512 tokens left 30 % more resident than its
-# warm-up's high-water mark); glibc's malloc_trim returns it, in a few milliseconds, when
-# nothing waits.
-release_free_memory = _load_trim()
+# Free memory goes back to the system when the engine goes idle (``memory``): a 20-second
+# soak of sources from 2 to 512 tokens left 30 % more resident than its warm-up's high-water
+# mark without it.
 TRIM_EVERY_S = 1.0  # at most this often, when the engine goes idle
 
 
@@ -252,6 +236,7 @@ class Engine:
 
     async def start(self) -> None:
         """Start the worker and warm the model up; ``ready`` turns True at the end."""
+        memory.map_large_blocks()
         self._loop = asyncio.get_running_loop()
         self._running = self._accepting = True
         self._thread = threading.Thread(target=self._run, name="seq2serve-engine", daemon=True)
@@ -269,6 +254,8 @@ class Engine:
             log.info("compute threads at nice %d (%.2f ms a token)", self.nice, 1000 * per_token)
         assert self._thread is not None and self._thread.native_id is not None
         lower_priority((self._thread.native_id, *pool_thread_ids()), self.nice)
+        self.backend.release_memory()
+        memory.release_free_memory()
         self.ready = True
         log.info("engine ready")
 
@@ -354,7 +341,7 @@ class Engine:
                     self._wake.wait(due if worked else None)
                 idle = not self._has_work()
             if idle and worked and self._running:
-                release_free_memory()
+                memory.release_free_memory()
                 trimmed, worked = time.monotonic(), False
                 continue
             worked = True

@@ -32,6 +32,9 @@ class TorchBackend:
         model, _ = load_model(Path(path))
         return cls(model, device)
 
+    def release_memory(self) -> None:
+        pass  # the weights are PyTorch's tensors, all in use
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
