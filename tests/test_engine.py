@@ -14,6 +14,7 @@ import torch
 from seq2serve import contract
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import (
+    BUFFER_HEADROOM,
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -137,8 +138,10 @@ def test_a_slot_left_free_is_compacted_away(engine):
     for _ in range(REUSE_STEPS + 1):
         batch.step()
     assert batch.slots == [long] and batch.past[0].shape[0] == 1
-    # Holes the finished row left behind are cut too: only the long row's columns remain.
-    assert batch.dec_mask.all()
+    # Holes the finished row left behind are cut too: the long row's columns and the room
+    # for the steps to come remain.
+    assert batch.dec_mask.sum() == len(long.generated)
+    assert batch.dec_mask.shape[1] <= len(long.generated) + 1 + BUFFER_HEADROOM
 
 
 def test_cancel_frees_the_row_and_spares_the_others(engine):
@@ -300,10 +303,14 @@ def copying_engine(tiny_bundle, tmp_path_factory):
     return backend, bundle.tokenizer
 
 
-def _traffic(engine) -> tuple[list, list[list[np.ndarray]], list[np.ndarray], set[int]]:
+def _traffic(
+    engine,
+) -> tuple[list, list[dict[int, list[np.ndarray]]], set[int], int, DecodeBatch]:
     """Sequences joining every other step (one with a longer source), finishing at different
-    lengths: slots freed and reused, a slot compacted away, leading columns cut. Returns the
-    sequences, each step's cache and mask, and the ids of the buffers the steps wrote."""
+    lengths: slots freed and reused, a slot compacted away, the cache's columns reused or
+    cut. Returns the sequences, each step's cache of every live row (``row_cache``, by
+    sequence id), the ids of the buffers the steps wrote, how many steps wrapped round to
+    column 0 of the buffers they were given, and the batch."""
     backend, tok = engine
     texts = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
     lengths = [5, 14, 3, 9, 4, 11, 2, 6]
@@ -312,56 +319,43 @@ def _traffic(engine) -> tuple[list, list[list[np.ndarray]], list[np.ndarray], se
         batch.new_sequence(source_ids(tok, t), SamplingParams(max_new_tokens=n, ignore_eos=True))
         for t, n in zip(texts, lengths, strict=True)
     ]
-    seqs, caches, masks, buffers, step = list(waiting), [], [], set(), 0
+    seqs, caches, buffers, step, wraps = list(waiting), [], set(), 0, 0
     while len(batch) or waiting:
         if waiting and step % 2 == 0:
             batch.add([waiting.pop(0)])
+        given = batch.past[0] if batch.past[0].size else None
         batch.step()
-        caches.append([a.copy() for a in batch.past])
-        masks.append(batch.dec_mask.copy())
-        buffers.update(id(b) for b in batch._buffers)
+        caches.append(
+            {s.id: batch.row_cache(i) for i, s in enumerate(batch.slots) if s is not None}
+        )
+        wraps += batch.past[0] is given and batch.next_column == 1
+        buffers.update(id(b) for b in batch.past)
         step += 1
-    return seqs, caches, masks, buffers
+    return seqs, caches, buffers, wraps, batch
 
 
 def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     backend, _ = engine
     assert backend.steps_in_place
-    seqs, caches, masks, buffers = _traffic(engine)
-    seqs_c, caches_c, masks_c, _ = _traffic(copying_engine)
+    seqs, caches, buffers, wraps, batch = _traffic(engine)
+    seqs_c, caches_c, _, _, _ = _traffic(copying_engine)
     for seq, other in zip(seqs, seqs_c, strict=True):
         assert seq.generated == other.generated
         np.testing.assert_allclose(seq.logprobs, other.logprobs, atol=1e-5)
     assert len(caches) == len(caches_c)
-    for step, (a, b) in enumerate(zip(caches, caches_c, strict=True)):
-        np.testing.assert_array_equal(masks[step], masks_c[step])
-        for x, y in zip(a, b, strict=True):
-            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"step {step}")
-    # The steps wrote into buffers they kept: new ones only when rows were appended or
-    # compacted, columns cut, or a buffer filled up, not one per step.
-    assert len(buffers) <= len(caches) // 2 * len(caches[0]), (len(buffers), len(caches))
-
-
-def test_a_step_writes_its_column_into_the_buffer_it_was_given(engine):
-    backend, tok = engine
-    batch = DecodeBatch(backend, tok)
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    batch.add([batch.new_sequence(source_ids(tok, s), params) for s in SOURCES[:3]])
-    batch.step()
-    kept = list(batch._buffers)
-    for _ in range(5):
-        before = [b.copy() for b in kept]
-        width = batch.dec_mask.shape[1]
-        batch.step()
-        assert [id(b) for b in batch._buffers] == [id(b) for b in kept]
-        for buffer, old, past in zip(kept, before, batch.past, strict=True):
-            assert past.base is buffer  # the batch's cache is the buffer's leading columns
-            np.testing.assert_array_equal(buffer[:, :, :width], old[:, :, :width])
-            assert not np.array_equal(buffer[:, :, width], old[:, :, width])  # written here
-    while len(batch):
-        batch.step()
+    ids = {s.id: o.id for s, o in zip(seqs, seqs_c, strict=True)}
+    for step, (rows, rows_c) in enumerate(zip(caches, caches_c, strict=True)):
+        assert {ids[i] for i in rows} == set(rows_c), f"step {step}"
+        for seq_id, cache in rows.items():
+            for x, y in zip(cache, rows_c[ids[seq_id]], strict=True):
+                assert x.shape == y.shape, f"step {step}"
+                np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"step {step}")
+    # The steps wrote into buffers they kept, round the ring: new ones only when rows were
+    # appended or compacted or the ring grew or shrank, not one per step.
+    assert wraps > 0
+    assert len(buffers) <= len(caches) // 2 * len(batch.past), (len(buffers), len(caches))
     # Idle: neither the batch nor its binding to the step graph holds a buffer.
-    assert batch._buffers == [] and batch._binding is None
+    assert batch.past[0].size == 0 and batch._binding is None
 
 
 def test_generation_runs_on_the_step_graph_alone(tiny_bundle):

@@ -10,22 +10,31 @@ whatever shares its batch.
 A finished or cancelled sequence frees its slot without moving anything: removing a row
 copies every cache array (as does appending one), a cost the whole batch would pay each time
 a request comes or goes. The next joiner writes its cross keys/values into the free slot; a
-slot left free for ``REUSE_STEPS`` steps is compacted away. Leading cache columns no row uses
-any more are cut once they are a quarter of the width, so that copy is amortized too.
+slot left free for ``REUSE_STEPS`` steps is compacted away.
 
-Arrays kept across steps (shapes as in the model: B slots, H heads, S source, P past, D head):
+Arrays kept across steps (shapes as in the model: B slots, H heads, S source, C cache
+columns, D head):
 
 | array          | shape        | changes                                              |
 |----------------|--------------|------------------------------------------------------|
 | ``cross[j]``   | (B, H, S, D) | when slots are filled, appended or compacted         |
 | ``enc_mask``   | (B, S)       | likewise                                             |
-| ``past[j]``    | (B, H, P, D) | every step (P + 1); leading unused columns cut       |
-| ``dec_mask``   | (B, P)       | every step; 0 marks a hole (joined late, or free)    |
+| ``past[j]``    | (B, H, C, D) | every step writes column ``next_column``             |
+| ``dec_mask``   | (B, C)       | every step; 0 marks a hole (joined late, or free)    |
 
-With a bundle's ``decoder_step.onnx`` (on the CPU), ``past[j]`` is the leading P columns of a
-buffer (B, H, P + room, D) that each step writes its column into, in place; the buffer is
-replaced only when rows are appended or compacted, leading columns are cut, or it is full.
-Without it each step's decoder call returns a new, one column wider copy of the cache.
+A row's cached tokens are the columns its mask marks, oldest first from ``next_column``
+round (``row_cache``). Attention weighs them as a set (each token's position is in its own
+keys and values), so where a column sits changes nothing.
+
+With a bundle's ``decoder_step.onnx`` (on the CPU) the cache is a ring: a step writes its
+column in place, into the column after the last one written, wrapping round to column 0
+(the oldest), which no live row still uses once C is wider than the oldest row. The
+buffers are copied (oldest column first, at the width the live rows use, with room for
+``BUFFER_HEADROOM`` more steps) only when rows are appended or compacted, when the oldest
+live row would be overwritten (the ring grows), or when it is more than twice as wide as the
+rows need (it shrinks): under steady traffic, never. Without the step graph each step's
+decoder call returns a new, one column wider copy of the cache (``next_column`` is then C),
+and leading columns no row uses any more are cut once they are a quarter of the width.
 """
 
 from __future__ import annotations
@@ -41,7 +50,6 @@ from seq2serve.engine.runtime import (
     Backend,
     OnnxBackend,
     StepBinding,
-    cache_buffers,
     log_softmax_rows,
 )
 from seq2serve.engine.text import TextStream, special_token_ids
@@ -190,10 +198,10 @@ def _pad_to(array: np.ndarray, axis: int, length: int) -> np.ndarray:
 
 # A free slot waits this many steps for a joiner before the batch is compacted.
 REUSE_STEPS = 4
-# Columns a cache buffer holds beyond the next step's: a step over the buffer reads all of
-# them, written or not (doubling the width cost more than the copies it saved: 6.1 against
-# 5.9 ms for a concatenating step, int8 opus-mt-sized, batch 16, 70 columns), and a full
-# buffer is copied into a new one, once per this many steps. 16: 5.1 ms.
+# Columns a cache buffer holds beyond the next step's when it is made: a step over the buffer
+# reads all of them, written or not (doubling the width cost more than the copies it saved:
+# 6.1 against 5.9 ms for a concatenating step, int8 opus-mt-sized, batch 16, 70 columns).
+# When the ring grows, it grows by half its width, and by this many columns at least.
 BUFFER_HEADROOM = 16
 
 
@@ -215,14 +223,12 @@ class DecodeBatch:
         self.enc_mask = np.zeros((0, 0), np.int64)
         self.past = [np.zeros((0, h, 0, d), np.float32) for _ in range(2 * n)]
         self.dec_mask = np.zeros((0, 0), np.int64)
-        # With a backend that steps in place (``OnnxBackend.step_in_place``), ``past[j]`` is
-        # the leading columns of ``_buffers[j]`` (B, H, capacity, D), and a step writes the
-        # next column through ``_binding``.
+        self.next_column = 0  # the column the next step writes; C: it appends one
+        # With a backend that steps in place (``OnnxBackend.step_in_place``), ``past`` is a
+        # ring of buffers that each step writes its column into through ``_binding``.
         self._in_place: OnnxBackend | None = (
             backend if isinstance(backend, OnnxBackend) and backend.steps_in_place else None
         )
-        self._buffers: list[np.ndarray] = []
-        self._views: list[np.ndarray] | None = None  # the ``past`` list the buffers back
         self._binding: StepBinding | None = None
 
     @property
@@ -235,6 +241,14 @@ class DecodeBatch:
 
     def new_sequence(self, source_ids: list[int], params: SamplingParams) -> Sequence:
         return Sequence(source_ids, params, self.tokenizer, self.special_ids)
+
+    def row_cache(self, slot: int) -> list[np.ndarray]:
+        """The cached keys/values of the row in ``slot``, per array (H, its tokens, D), oldest
+        first."""
+        c = self.dec_mask.shape[1]
+        order = (self.next_column + np.arange(c)) % max(c, 1)
+        columns = order[self.dec_mask[slot, order] == 1]
+        return [a[slot][:, columns] for a in self.past]
 
     # -- membership ------------------------------------------------------------------------
 
@@ -288,17 +302,19 @@ class DecodeBatch:
         first: list[np.ndarray] | None = None,
     ) -> None:
         """Place rows whose encoder output is already computed (cross K/V per layer): into
-        free slots first, then appended. Their cached positions so far are holes, except,
-        with ``first`` (per layer (N, H, 1, D): the cache of a first token), the last
-        column, which holds it."""
+        free slots first, then appended. They hold no cached token so far, except, with
+        ``first`` (per layer (N, H, 1, D): the cache of a first token), in the column the
+        last step wrote."""
         if first is not None and self.dec_mask.shape[1] == 0:  # room for the first column
             self.past = [_pad_to(a, 2, 1) for a in self.past]
             self.dec_mask = _pad_to(self.dec_mask, 1, 1)
+            self.next_column = 1
         if enc_mask.shape[1] > self.enc_mask.shape[1]:  # a longer source: widen every slot
             s = enc_mask.shape[1]
             self.cross = [_pad_to(a, 2, s) for a in self.cross]
             self.enc_mask = _pad_to(self.enc_mask, 1, s)
         self._append_free_slots(len(seqs) - len(self._free_since))
+        last = (self.next_column - 1) % max(self.dec_mask.shape[1], 1)
         for k, slot in enumerate(sorted(self._free_since)[: len(seqs)]):
             for old, new in zip(self.cross, cross, strict=True):
                 old[slot] = 0.0
@@ -308,8 +324,8 @@ class DecodeBatch:
             self.dec_mask[slot] = 0
             if first is not None:
                 for old, new in zip(self.past, first, strict=True):
-                    old[slot, :, -1] = new[k, :, 0]
-                self.dec_mask[slot, -1] = 1
+                    old[slot, :, last] = new[k, :, 0]
+                self.dec_mask[slot, last] = 1
             self.slots[slot] = seqs[k]
             del self._free_since[slot]
 
@@ -326,11 +342,11 @@ class DecodeBatch:
             return out
 
         self.cross = [grown(a) for a in self.cross]
-        if self._in_place is not None:  # straight into buffers with room to grow
-            self.past = self._buffered(self.past, b + n)
+        self.enc_mask = grown(self.enc_mask)
+        if self._in_place is not None:  # straight into a ring with room to grow
+            self._rebuffer(slice(None), b, b + n)
         else:
-            self.past = [grown(a) for a in self.past]
-        self.enc_mask, self.dec_mask = grown(self.enc_mask), grown(self.dec_mask)
+            self.past, self.dec_mask = [grown(a) for a in self.past], grown(self.dec_mask)
         self.slots.extend([None] * n)
         self._free_since.update(dict.fromkeys(range(b, b + n), self._steps))
 
@@ -344,44 +360,91 @@ class DecodeBatch:
                 self._columns_freed = True
 
     def compact(self) -> None:
-        """Drop the free slots, and the source columns no remaining row needs."""
+        """Drop the free slots, and the source and cache columns no remaining row needs."""
         keep = [i for i, s in enumerate(self.slots) if s is not None]
         self._free_since.clear()
         if len(keep) == len(self.slots):
             return
-        self.slots = [self.slots[i] for i in keep]
         index = np.asarray(keep, dtype=np.int64)
-        self.past = [a[index] for a in self.past]
-        self.dec_mask = self.dec_mask[index]
+        if not keep:  # an idle batch holds no cache, nor a binding to one
+            self.past = [a[:0, :, :0] for a in self.past]
+            self.dec_mask = self.dec_mask[:0, :0]
+            self.next_column, self._binding = 0, None
+        elif self._in_place is not None:
+            self._rebuffer(index, len(keep), len(keep))
+        else:
+            self.past = [a[index] for a in self.past]
+            self.dec_mask = self.dec_mask[index]
+            self._trim(0)
+        self.slots = [self.slots[i] for i in keep]
         self.cross = [a[index] for a in self.cross]
         self.enc_mask = self.enc_mask[index]
         s = int(self.enc_mask.sum(axis=1).max()) if keep else 0
         if s < self.enc_mask.shape[1]:
             self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
             self.enc_mask = np.ascontiguousarray(self.enc_mask[:, :s])
-        self._trim(0)
-        # The past is a copy now: let the buffers, and the binding to them, go (an idle
-        # batch holds no cache).
-        self._buffers, self._views, self._binding = [], None, None
+
+    def _used_columns(self) -> int:
+        """How many of the last columns written the live rows use (the oldest row's)."""
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        return int(self.dec_mask[live].sum(axis=1).max()) if live else 0
+
+    def _rebuffer(
+        self, rows: slice | np.ndarray, kept: int, total: int, grow: bool = False
+    ) -> None:
+        """New ring buffers of ``total`` slots, the first ``kept`` from ``rows`` of the old,
+        with the columns the live rows use copied in oldest first and room for
+        ``BUFFER_HEADROOM`` more steps; ``grow``: at least half as wide again as now."""
+        c = self.dec_mask.shape[1]
+        used = self._used_columns()
+        capacity = used + 1 + BUFFER_HEADROOM
+        if grow:
+            capacity = max(capacity, c + max(c // 2, BUFFER_HEADROOM))
+        # The used columns, oldest first: one slice, or two where they wrap round.
+        first = self.next_column - used
+        spans = [(first % c, c), (0, self.next_column)] if first < 0 else [(first, first + used)]
+        self._binding = None  # it holds the old buffers
+        past, dec_mask = self.past, self.dec_mask
+        self.past = []
+        for old in past:
+            new = np.zeros((total, old.shape[1], capacity, old.shape[3]), np.float32)
+            at = 0
+            for lo, hi in spans:
+                new[:kept, :, at : at + hi - lo] = old[rows, :, lo:hi]
+                at += hi - lo
+            self.past.append(new)
+        self.dec_mask = np.zeros((total, capacity), np.int64)
+        at = 0
+        for lo, hi in spans:
+            self.dec_mask[:kept, at : at + hi - lo] = dec_mask[rows, lo:hi]
+            at += hi - lo
+        self.next_column = used
 
     def _trim(self, at_least: int) -> None:
-        """Cut leading cache columns no slot uses, when there are more than ``at_least``."""
+        """Cut leading cache columns no slot uses, when there are more than ``at_least``
+        (a cache that each step widens by one: the ring reuses its columns instead)."""
         used = np.flatnonzero(self.dec_mask.any(axis=0))
         first = int(used[0]) if used.size else self.dec_mask.shape[1]
         if first and first > at_least:
             self.past = [np.ascontiguousarray(a[:, :, first:]) for a in self.past]
             self.dec_mask = np.ascontiguousarray(self.dec_mask[:, first:])
+            self.next_column = self.dec_mask.shape[1]
 
     def _tidy(self) -> None:
         """Before a step: compact when a slot has waited too long for a joiner (or every
-        slot is free), and cut unused leading columns once they are worth a copy."""
+        slot is free); once a row has left, cut the cache's unused columns when they are
+        worth a copy."""
         stale = any(self._steps - t >= REUSE_STEPS for t in self._free_since.values())
         if self._free_since and (stale or len(self) == 0):
             self.compact()
         elif self._columns_freed:
-            # Only a row leaving frees leading columns: the mask is scanned for them then,
-            # not every step (a scan that also waits for the GIL the event loop holds).
-            self._trim(self.dec_mask.shape[1] // 4)
+            # Only a row leaving frees columns: the mask is scanned for them then, not every
+            # step (a scan that also waits for the GIL the event loop holds).
+            if self._in_place is None:
+                self._trim(self.dec_mask.shape[1] // 4)
+            elif 2 * (self._used_columns() + 1 + BUFFER_HEADROOM) <= self.dec_mask.shape[1]:
+                b = len(self.slots)
+                self._rebuffer(slice(None), b, b)  # the ring shrinks
         self._columns_freed = False
 
     # -- one step --------------------------------------------------------------------------
@@ -403,18 +466,19 @@ class DecodeBatch:
         input_ids = np.asarray(last, np.int64)[:, None]
         positions = [len(s.generated) if s is not None else 0 for s in self.slots]
         position_ids = np.asarray(positions, np.int64)[:, None]
+        live = [i for i, s in enumerate(self.slots) if s is not None]
         exact = any(s.params.exact_logits for s in self.slots if s is not None)
         if self._in_place is not None:
-            logits = self._step_buffered(input_ids, position_ids, exact)
+            logits = self._step_in_ring(input_ids, position_ids, live, exact)
         else:
             dec_mask = np.concatenate([self.dec_mask, np.ones((b, 1), np.int64)], axis=1)
             out = self.backend.decode(
                 input_ids, position_ids, dec_mask, self.enc_mask, self.past, self.cross, exact
             )
             self.past, self.dec_mask = out.present, dec_mask
+            self.next_column = dec_mask.shape[1]
             logits = out.logits[:, -1]  # (B, V)
         self._steps += 1
-        live = [i for i, s in enumerate(self.slots) if s is not None]
         rows = self.rows
         events = self._choose_next(rows, logits if len(live) == b else logits[live])
         self.remove({s.id for s in rows if s.finish_reason is not None})
@@ -422,45 +486,27 @@ class DecodeBatch:
             self.compact()
         return events
 
-    def _step_buffered(
-        self, input_ids: np.ndarray, position_ids: np.ndarray, exact_logits: bool
+    def _step_in_ring(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, live: list[int], exact: bool
     ) -> np.ndarray:
-        """``step``'s decoder call over the cache buffers: the new column is written in place
-        (see ``OnnxBackend.step_in_place``). Returns the logits (B, V)."""
+        """``step``'s decoder call over the ring: the new column is written in place (see
+        ``OnnxBackend.step_in_place``), over the oldest. Returns the logits (B, V)."""
         backend = self._in_place
         assert backend is not None
-        b, p = self.dec_mask.shape
-        if not self._in_buffers(p + 1):
-            self.past = self._buffered(self.past, b)
-        capacity = self._buffers[0].shape[2]
-        mask = np.zeros((b, capacity), np.int64)
-        mask[:, :p] = self.dec_mask
-        mask[:, p] = 1
-        arrays = (self._buffers, self.cross, self.enc_mask, mask.shape)
+        column = self.next_column
+        if column == self.dec_mask.shape[1] or self.dec_mask[live, column].any():
+            b = len(self.slots)  # the oldest live row still uses that column: grow
+            self._rebuffer(slice(None), b, b, grow=True)
+            column = self.next_column
+        self.dec_mask[:, column] = 1  # free slots too: a row with nothing to attend to is NaN
+        arrays = (self.past, self.cross, self.enc_mask, self.dec_mask.shape)
         if self._binding is None or not self._binding.serves(*arrays):
             self._binding = backend.bind_step(*arrays)
         logits: np.ndarray = backend.step_in_place(
-            self._binding, input_ids, position_ids, mask, p, exact_logits
+            self._binding, input_ids, position_ids, self.dec_mask, column, exact
         )
-        self.past = self._views = [buffer[:, :, : p + 1] for buffer in self._buffers]
-        self.dec_mask = np.ascontiguousarray(mask[:, : p + 1])
+        self.next_column = (column + 1) % self.dec_mask.shape[1]
         return logits[:, -1]
-
-    def _in_buffers(self, width: int) -> bool:
-        """Whether ``past`` is still the leading columns of the buffers (nothing replaced
-        it: no rows appended or compacted, no columns cut) and they have ``width`` columns."""
-        # Every change of ``past`` other than a step assigns a new list; slot writes go
-        # into the views, that is into the buffers.
-        return self.past is self._views and self._buffers[0].shape[2] >= width
-
-    def _buffered(self, past: list[np.ndarray], rows: int) -> list[np.ndarray]:
-        """New buffers of ``rows`` rows with ``past`` copied in (rows past its own are free
-        slots) and room for ``BUFFER_HEADROOM`` more steps; returns the views that become
-        ``past``."""
-        width = past[0].shape[2]
-        self._buffers = cache_buffers(past, rows, width + 1 + BUFFER_HEADROOM)
-        self._views = [buffer[:, :, :width] for buffer in self._buffers]
-        return self._views
 
     def _choose_next(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
         """Each sequence's next token from its logits row (B, V), and its event."""
@@ -532,6 +578,8 @@ def beam_search(
         [np.repeat(c, k, axis=0) for c in encoded.cross],
         np.ones((k, len(source_ids)), np.int64),
     )
+    # The beams' cache: reordered every step, so a copy each step, not the batch's ring.
+    past = [np.zeros((k, cfg.n_heads, 0, cfg.head_dim), np.float32) for _ in batch.past]
     scores = np.full(k, -np.inf)
     scores[0] = 0.0
     finished: list[tuple[float, list[int], list[float]]] = []
@@ -551,7 +599,7 @@ def beam_search(
             np.full((b, 1), step, np.int64),
             dec_mask,
             batch.enc_mask,
-            batch.past,
+            past,
             batch.cross,
             exact_logits=True,
         )
@@ -578,7 +626,7 @@ def beam_search(
         if len(finished) == k and normalized(max(next_scores), step + 1) <= finished[-1][0]:
             break
         index = np.asarray(rows, np.int64)
-        batch.past = [a[index] for a in out.present]
+        past = [a[index] for a in out.present]
         batch.cross = [a[index] for a in batch.cross]
         batch.enc_mask = batch.enc_mask[index]
         histories, scores, token_logprobs = next_hist, np.asarray(next_scores), next_lps
