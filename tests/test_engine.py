@@ -358,6 +358,21 @@ def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     assert batch.past[0].size == 0 and batch._binding is None
 
 
+def test_the_ring_doubles_up_to_the_widest_row_and_no_further(engine):
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    seqs = [batch.new_sequence(source_ids(tok, s), params) for s in SOURCES[:3]]
+    batch.add(seqs)
+    widths = []
+    while len(batch):
+        widths.append(batch.dec_mask.shape[1])
+        batch.step()
+    assert all(len(s.generated) == 40 for s in seqs)
+    first = 1 + BUFFER_HEADROOM
+    assert sorted(set(widths)) == [first, 2 * first, 40 + 1]
+
+
 def test_generation_runs_on_the_step_graph_alone(tiny_bundle):
     """With decoder_step.onnx, first tokens, steps and beam search never open decoder.onnx
     (a second session would hold a second packed copy of the decoder's weights); a call of

@@ -201,7 +201,10 @@ REUSE_STEPS = 4
 # Columns a cache buffer holds beyond the next step's when it is made: a step over the buffer
 # reads all of them, written or not (doubling the width cost more than the copies it saved:
 # 6.1 against 5.9 ms for a concatenating step, int8 opus-mt-sized, batch 16, 70 columns).
-# When the ring grows, it grows by half its width, and by this many columns at least.
+# When the ring grows, it doubles (so that its copies cost O(1) a step, amortized), up to
+# the widest the live rows can get (their max_new_tokens: a wave of 64-token requests that
+# start together was copied 4 times, to 75 columns, when it grew by half; now twice, to
+# 65), and by this many columns at least.
 BUFFER_HEADROOM = 16
 
 
@@ -394,12 +397,16 @@ class DecodeBatch:
     ) -> None:
         """New ring buffers of ``total`` slots, the first ``kept`` from ``rows`` of the old,
         with the columns the live rows use copied in oldest first and room for
-        ``BUFFER_HEADROOM`` more steps; ``grow``: at least half as wide again as now."""
+        ``BUFFER_HEADROOM`` more steps (``grow``: twice as wide as now), and no wider than
+        the live rows can get."""
         c = self.dec_mask.shape[1]
         used = self._used_columns()
-        capacity = used + 1 + BUFFER_HEADROOM
-        if grow:
-            capacity = max(capacity, c + max(c // 2, BUFFER_HEADROOM))
+        capacity = max(used + 1 + BUFFER_HEADROOM, 2 * c if grow else 0)
+        live = [s.params.max_new_tokens for s in self.slots if s is not None]
+        if live:
+            # A row holds at most max_new_tokens columns: the start token and every
+            # generated token but the last.
+            capacity = max(used + 1, min(capacity, max(live) + 1))
         # The used columns, oldest first: one slice, or two where they wrap round.
         first = self.next_column - used
         spans = [(first % c, c), (0, self.next_column)] if first < 0 else [(first, first + used)]
