@@ -358,6 +358,19 @@ def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     assert batch.past[0].size == 0 and batch._binding is None
 
 
+def test_unseeded_samples_differ_and_greedy_rows_make_no_generator(engine):
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    ids = source_ids(tok, SOURCES[0])
+    sampled = SamplingParams(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=2.0)
+    seqs = [batch.new_sequence(ids, sampled) for _ in range(2)]
+    greedy = batch.new_sequence(ids, SamplingParams(max_new_tokens=16, ignore_eos=True))
+    run_to_completion(batch, [*seqs, greedy])
+    # Each unseeded request has a stream of its own (16 draws over a flat distribution).
+    assert seqs[0].generated != seqs[1].generated
+    assert greedy._rng is None
+
+
 def test_the_ring_doubles_up_to_the_widest_row_and_no_further(engine):
     backend, tok = engine
     batch = DecodeBatch(backend, tok)

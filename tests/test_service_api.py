@@ -89,6 +89,8 @@ def test_request_id_honoured_or_made(client):
     assert r.headers["x-request-id"] != "bad id" and len(r.headers["x-request-id"]) == 32
     r = client.post("/v1/generate", json={"inputs": ""})
     assert len(r.headers["x-request-id"]) == 32
+    made = {client.get("/health").headers["x-request-id"] for _ in range(50)}
+    assert len(made) == 50 and all(len(m) == 32 and int(m, 16) >= 0 for m in made)
 
 
 def test_openapi_documents_streams_and_errors(client):

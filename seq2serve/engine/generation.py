@@ -105,6 +105,13 @@ class TokenEvent:
     error: str | None = None  # set when this sequence failed (finish_reason "error")
 
 
+# Unseeded sampling draws from children of one seed sequence, drawn from the OS once per
+# process: ``default_rng(None)`` reads the OS's entropy for every request, a call that
+# releases the GIL, and under load the event loop that made the request then waited for
+# the engine thread to hand the GIL back (5 % of the loop's samples, default model).
+_ENTROPY = np.random.SeedSequence()
+
+
 @dataclass
 class Sequence:
     """One request's generation state."""
@@ -120,9 +127,17 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.stream = TextStream(self.tokenizer, self.params.stop, special_ids=self.special_ids)
-        seed = self.params.seed
-        self.rng = np.random.default_rng(seed if seed is not None else None)
-        self.seed = seed
+        self.seed = self.params.seed
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The sampler's generator, made on first use (greedy requests never need one):
+        from the request's seed, else from the process's own entropy (``_ENTROPY``)."""
+        if self._rng is None:
+            seed = self.seed if self.seed is not None else _ENTROPY.spawn(1)[0]
+            self._rng = np.random.default_rng(seed)
+        return self._rng
 
     @property
     def text(self) -> str:

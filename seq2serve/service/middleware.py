@@ -9,9 +9,9 @@ the SIGTERM drain waits on; records the request in the HTTP metrics and the acce
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,7 +66,15 @@ def request_id_from(scope: Scope) -> str:
             if _SANE_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return new_id()
+
+
+def new_id() -> str:
+    """A new random 128-bit id, as 32 hex digits. From the process's Mersenne Twister (seeded
+    from the OS), not ``uuid4``: that reads the OS's entropy, a call that releases the GIL,
+    and under load the event loop then waits for the engine thread to hand it back (4 % of
+    the loop's samples, default model, 16 streams). Unique, not secret."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -23,6 +22,7 @@ from seq2serve.service import sse
 from seq2serve.service.deps import EngineDep, LimitsDep, StateDep
 from seq2serve.service.errors import ApiError, error_responses, invalid
 from seq2serve.service.inputs import as_list, check_text, param_names, tokenize
+from seq2serve.service.middleware import new_id
 from seq2serve.service.routes.encode import pooled, run_encoder
 from seq2serve.service.schemas import (
     CompletionRequest,
@@ -155,7 +155,7 @@ async def completions(
         raise invalid("prompt: streaming takes one prompt, not a list", "prompt")
     ids = await tokenize(engine, prompts, param_names(body.prompt, "prompt"), limits, truncate=None)
     chunk = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+        "id": f"cmpl-{new_id()}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": state.model_id,
