@@ -354,8 +354,10 @@ def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     # appended or compacted or the ring grew or shrank, not one per step.
     assert wraps > 0
     assert len(buffers) <= len(caches) // 2 * len(batch.past), (len(buffers), len(caches))
-    # Idle: neither the batch nor its binding to the step graph holds a buffer.
-    assert batch.past[0].size == 0 and batch._binding is None
+    # Idle: neither the batch nor its binding to the step graph holds a buffer (an empty
+    # view of one would keep it alive).
+    assert batch._binding is None
+    assert all(a.size == 0 and a.base is None for a in [*batch.past, batch.dec_mask])
 
 
 def test_unseeded_samples_differ_and_greedy_rows_make_no_generator(engine):

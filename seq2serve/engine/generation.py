@@ -385,8 +385,9 @@ class DecodeBatch:
             return
         index = np.asarray(keep, dtype=np.int64)
         if not keep:  # an idle batch holds no cache, nor a binding to one
-            self.past = [a[:0, :, :0] for a in self.past]
-            self.dec_mask = self.dec_mask[:0, :0]
+            # New empty arrays, not empty views: a view keeps its whole buffer alive.
+            self.past = [np.zeros((0, *a.shape[1:2], 0, *a.shape[3:]), a.dtype) for a in self.past]
+            self.dec_mask = np.zeros((0, 0), np.int64)
             self.next_column, self._binding = 0, None
         elif self._in_place is not None:
             self._rebuffer(index, len(keep), len(keep))
