@@ -166,7 +166,9 @@ class OnnxBackend:
         """One decode step (one new token per row) that writes the new keys/values into
         column ``write_index`` of the bound buffers and returns the logits (B, 1, V), valid
         until the binding's next run. ``decoder_attention_mask`` (B, capacity) covers the
-        whole buffer, 1 up to and including ``write_index`` where a row has a real token.
+        whole buffer, 1 at every column that holds one of a row's real tokens, ``write_index``
+        (the new token's) included: columns are attended as a set, in any order (each
+        token's position is in its own keys and values), so the cache may be a ring.
 
         The buffers are bound as both the graph's past input and its present output, so the
         cache is neither copied into a wider array nor returned: ``decode`` copies every
