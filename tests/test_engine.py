@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seq2serve import contract
 from seq2serve.engine.bundle import load_bundle
@@ -358,6 +360,55 @@ def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     # view of one would keep it alive).
     assert batch._binding is None
     assert all(a.size == 0 and a.base is None for a in [*batch.past, batch.dec_mask])
+
+
+TEXTS = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
+
+# A request of a schedule: (text, max_new_tokens, step it arrives at, step it is cancelled at
+# or None).
+REQUEST = st.tuples(
+    st.integers(0, len(TEXTS) - 1),
+    st.integers(1, 24),
+    st.integers(0, 30),
+    st.one_of(st.none(), st.integers(0, 40)),
+)
+
+
+def _run_schedule(engine, schedule: list[tuple[int, int, int, int | None]]) -> list:
+    """Requests joining, leaving and cancelled at the schedule's steps; returns the
+    sequences once every one has finished or been cancelled."""
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    seqs = [
+        batch.new_sequence(source_ids(tok, TEXTS[t]), SamplingParams(max_new_tokens=n))
+        for t, n, _, _ in schedule
+    ]
+    step, pending = 0, list(range(len(schedule)))
+    while pending or len(batch):
+        joining = [i for i in pending if schedule[i][2] <= step]
+        if joining:
+            batch.add([seqs[i] for i in joining])
+            pending = [i for i in pending if i not in joining]
+        for i, (_, _, _, cancel_at) in enumerate(schedule):
+            if cancel_at == step and seqs[i].finish_reason is None:
+                batch.cancel(seqs[i].id)
+        batch.step()
+        step += 1
+        assert step < 200
+    return seqs
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=st.lists(REQUEST, min_size=1, max_size=8))
+def test_any_schedule_gives_the_ring_the_copied_caches_tokens(engine, copying_engine, schedule):
+    """Whatever joins, finishes and is cancelled when, steps over the ring (wrapping,
+    growing, shrinking, compacted) give each request the tokens and log-probabilities that
+    steps over caches copied every step give it."""
+    ring = _run_schedule(engine, schedule)
+    copied = _run_schedule(copying_engine, schedule)
+    for a, b in zip(ring, copied, strict=True):
+        assert a.generated == b.generated
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 def test_unseeded_samples_differ_and_greedy_rows_make_no_generator(engine):
