@@ -217,9 +217,9 @@ REUSE_STEPS = 4
 # reads all of them, written or not (doubling the width cost more than the copies it saved:
 # 6.1 against 5.9 ms for a concatenating step, int8 opus-mt-sized, batch 16, 70 columns).
 # When the ring grows, it doubles (so that its copies cost O(1) a step, amortized), up to
-# the widest the live rows can get (their max_new_tokens: a wave of 64-token requests that
-# start together was copied 4 times, to 75 columns, when it grew by half; now twice, to
-# 65), and by this many columns at least.
+# the widest the live rows can get (their max_new_tokens: 16 64-token requests that start
+# together were copied 3 times, to 76 columns, when it grew by half; now twice, to 65), and
+# by this many columns at least.
 BUFFER_HEADROOM = 16
 
 
@@ -386,7 +386,7 @@ class DecodeBatch:
         index = np.asarray(keep, dtype=np.int64)
         if not keep:  # an idle batch holds no cache, nor a binding to one
             # New empty arrays, not empty views: a view keeps its whole buffer alive.
-            self.past = [np.zeros((0, *a.shape[1:2], 0, *a.shape[3:]), a.dtype) for a in self.past]
+            self.past = [np.zeros((0, a.shape[1], 0, a.shape[3]), a.dtype) for a in self.past]
             self.dec_mask = np.zeros((0, 0), np.int64)
             self.next_column, self._binding = 0, None
         elif self._in_place is not None:
