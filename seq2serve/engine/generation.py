@@ -403,6 +403,12 @@ class DecodeBatch:
             self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
             self.enc_mask = np.ascontiguousarray(self.enc_mask[:, :s])
 
+    @staticmethod
+    def _room(used: int) -> int:
+        """The width a ring is made at for rows using ``used`` columns: theirs, the next
+        step's and ``BUFFER_HEADROOM`` more."""
+        return used + 1 + BUFFER_HEADROOM
+
     def _used_columns(self) -> int:
         """How many of the last columns written the live rows use (the oldest row's)."""
         live = [i for i, s in enumerate(self.slots) if s is not None]
@@ -417,31 +423,32 @@ class DecodeBatch:
         the live rows can get."""
         c = self.dec_mask.shape[1]
         used = self._used_columns()
-        capacity = max(used + 1 + BUFFER_HEADROOM, 2 * c if grow else 0)
-        live = [s.params.max_new_tokens for s in self.slots if s is not None]
-        if live:
+        capacity = max(self._room(used), 2 * c if grow else 0)
+        if self.rows:
             # A row holds at most max_new_tokens columns: the start token and every
             # generated token but the last.
-            capacity = max(used + 1, min(capacity, max(live) + 1))
+            widest = max(s.params.max_new_tokens for s in self.rows)
+            capacity = max(used + 1, min(capacity, widest + 1))
         # The used columns, oldest first: one slice, or two where they wrap round.
         first = self.next_column - used
         spans = [(first % c, c), (0, self.next_column)] if first < 0 else [(first, first + used)]
-        self._binding = None  # it holds the old buffers
-        past, dec_mask = self.past, self.dec_mask
-        self.past = []
-        for old in past:
-            new = np.zeros((total, old.shape[1], capacity, old.shape[3]), np.float32)
+
+        def oldest_first(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+            """``new`` with the used columns (axis 2) of ``old``'s ``rows`` copied in."""
             at = 0
             for lo, hi in spans:
                 new[:kept, :, at : at + hi - lo] = old[rows, :, lo:hi]
                 at += hi - lo
-            self.past.append(new)
-        self.dec_mask = np.zeros((total, capacity), np.int64)
-        at = 0
-        for lo, hi in spans:
-            self.dec_mask[:kept, at : at + hi - lo] = dec_mask[rows, lo:hi]
-            at += hi - lo
-        self.next_column = used
+            return new
+
+        self._binding = None  # it holds the old buffers
+        self.past = [
+            oldest_first(old, np.zeros((total, old.shape[1], capacity, old.shape[3]), np.float32))
+            for old in self.past
+        ]
+        mask = np.zeros((total, capacity), np.int64)
+        oldest_first(self.dec_mask[:, None], mask[:, None])  # (B, 1, C) views of the masks
+        self.dec_mask, self.next_column = mask, used
 
     def _trim(self, at_least: int) -> None:
         """Cut leading cache columns no slot uses, when there are more than ``at_least``
@@ -465,7 +472,7 @@ class DecodeBatch:
             # step (a scan that also waits for the GIL the event loop holds).
             if self._in_place is None:
                 self._trim(self.dec_mask.shape[1] // 4)
-            elif 2 * (self._used_columns() + 1 + BUFFER_HEADROOM) <= self.dec_mask.shape[1]:
+            elif 2 * self._room(self._used_columns()) <= self.dec_mask.shape[1]:
                 b = len(self.slots)
                 self._rebuffer(slice(None), b, b)  # the ring shrinks
         self._columns_freed = False
@@ -591,18 +598,17 @@ def beam_search(
     the K kept finished hypotheses. Returns a finished ``Sequence`` holding the best."""
     cfg = backend.config
     k = params.num_beams
-    batch = DecodeBatch(backend, tokenizer)
-    template = batch.new_sequence(source_ids, params)
+    template = Sequence(source_ids, params, tokenizer, special_token_ids(tokenizer))
     ids = np.asarray([source_ids], np.int64)
     encoded = backend.encode(ids, np.ones_like(ids))
-    beams = [batch.new_sequence(source_ids, params) for _ in range(k)]
-    batch.add_encoded(
-        beams,
-        [np.repeat(c, k, axis=0) for c in encoded.cross],
-        np.ones((k, len(source_ids)), np.int64),
-    )
-    # The beams' cache: reordered every step, so a copy each step, not the batch's ring.
-    past = [np.zeros((k, cfg.n_heads, 0, cfg.head_dim), np.float32) for _ in batch.past]
+    # K rows of their own, reordered every step (so the cache is a copy each step, not a
+    # ring): the source's cross K/V and mask repeated, and an empty cache.
+    cross = [np.repeat(c, k, axis=0) for c in encoded.cross]
+    enc_mask = np.ones((k, len(source_ids)), np.int64)
+    past = [
+        np.zeros((k, cfg.n_heads, 0, cfg.head_dim), np.float32)
+        for _ in range(2 * cfg.n_decoder_layers)
+    ]
     scores = np.full(k, -np.inf)
     scores[0] = 0.0
     finished: list[tuple[float, list[int], list[float]]] = []
@@ -621,9 +627,9 @@ def beam_search(
             np.asarray(last, np.int64)[:, None],
             np.full((b, 1), step, np.int64),
             dec_mask,
-            batch.enc_mask,
+            enc_mask,
             past,
-            batch.cross,
+            cross,
             exact_logits=True,
         )
         logprobs = np.stack(
@@ -650,8 +656,8 @@ def beam_search(
             break
         index = np.asarray(rows, np.int64)
         past = [a[index] for a in out.present]
-        batch.cross = [a[index] for a in batch.cross]
-        batch.enc_mask = batch.enc_mask[index]
+        cross = [a[index] for a in cross]
+        enc_mask = enc_mask[index]
         histories, scores, token_logprobs = next_hist, np.asarray(next_scores), next_lps
     else:
         finished += [
