@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,53 @@ def copying_engine(tiny_bundle, tmp_path_factory):
     return backend, bundle.tokenizer
 
 
+TEXTS = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
+
+# A request of a schedule: (text, max_new_tokens, step it arrives at, step it is cancelled at
+# or None).
+REQUEST = st.tuples(
+    st.integers(0, len(TEXTS) - 1),
+    st.integers(1, 24),
+    st.integers(0, 30),
+    st.one_of(st.none(), st.integers(0, 40)),
+)
+
+
+def _run_schedule(
+    engine,
+    schedule: list[tuple[int, int, int, int | None]],
+    ignore_eos: bool = False,
+    watch: Callable[[DecodeBatch, np.ndarray], None] | None = None,
+) -> tuple[list, DecodeBatch]:
+    """Requests joining, leaving and cancelled at the schedule's steps, until every one has
+    finished or been cancelled; ``watch(batch, given)`` after each step, ``given`` being the
+    first cache array the step was handed. Returns the sequences and the batch."""
+    backend, tok = engine
+    batch = DecodeBatch(backend, tok)
+    seqs = [
+        batch.new_sequence(
+            source_ids(tok, TEXTS[t]), SamplingParams(max_new_tokens=n, ignore_eos=ignore_eos)
+        )
+        for t, n, _, _ in schedule
+    ]
+    step, pending = 0, list(range(len(schedule)))
+    while pending or len(batch):
+        joining = [i for i in pending if schedule[i][2] <= step]
+        if joining:
+            batch.add([seqs[i] for i in joining])
+            pending = [i for i in pending if i not in joining]
+        for i, (_, _, _, cancel_at) in enumerate(schedule):
+            if cancel_at == step and seqs[i].finish_reason is None:
+                batch.cancel(seqs[i].id)
+        given = batch.past[0]
+        batch.step()
+        if watch is not None:
+            watch(batch, given)
+        step += 1
+        assert step < 200
+    return seqs, batch
+
+
 def _traffic(
     engine,
 ) -> tuple[list, list[dict[int, list[np.ndarray]]], set[int], int, DecodeBatch]:
@@ -313,26 +361,21 @@ def _traffic(
     cut. Returns the sequences, each step's cache of every live row (``row_cache``, by
     sequence id), the ids of the buffers the steps wrote, how many steps wrapped round to
     column 0 of the buffers they were given, and the batch."""
-    backend, tok = engine
-    texts = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
     lengths = [5, 14, 3, 9, 4, 11, 2, 6]
-    batch = DecodeBatch(backend, tok)
-    waiting = [
-        batch.new_sequence(source_ids(tok, t), SamplingParams(max_new_tokens=n, ignore_eos=True))
-        for t, n in zip(texts, lengths, strict=True)
-    ]
-    seqs, caches, buffers, step, wraps = list(waiting), [], set(), 0, 0
-    while len(batch) or waiting:
-        if waiting and step % 2 == 0:
-            batch.add([waiting.pop(0)])
-        given = batch.past[0] if batch.past[0].size else None
-        batch.step()
+    caches: list[dict[int, list[np.ndarray]]] = []
+    buffers: set[int] = set()
+    wraps = 0
+
+    def watch(batch: DecodeBatch, given: np.ndarray) -> None:
+        nonlocal wraps
         caches.append(
             {s.id: batch.row_cache(i) for i, s in enumerate(batch.slots) if s is not None}
         )
-        wraps += batch.past[0] is given and batch.next_column == 1
+        wraps += given.size > 0 and batch.past[0] is given and batch.next_column == 1
         buffers.update(id(b) for b in batch.past)
-        step += 1
+
+    schedule = [(i, n, 2 * i, None) for i, n in enumerate(lengths)]
+    seqs, batch = _run_schedule(engine, schedule, ignore_eos=True, watch=watch)
     return seqs, caches, buffers, wraps, batch
 
 
@@ -362,50 +405,14 @@ def test_steps_in_place_equal_steps_over_copied_caches(engine, copying_engine):
     assert all(a.size == 0 and a.base is None for a in [*batch.past, batch.dec_mask])
 
 
-TEXTS = [*SOURCES, ">>fr<< 1999-12-31 2024-07-01 1234567", ">>en<< 3", ">>de<< 42"]
-
-# A request of a schedule: (text, max_new_tokens, step it arrives at, step it is cancelled at
-# or None).
-REQUEST = st.tuples(
-    st.integers(0, len(TEXTS) - 1),
-    st.integers(1, 24),
-    st.integers(0, 30),
-    st.one_of(st.none(), st.integers(0, 40)),
-)
-
-
-def _run_schedule(engine, schedule: list[tuple[int, int, int, int | None]]) -> list:
-    """Requests joining, leaving and cancelled at the schedule's steps; returns the
-    sequences once every one has finished or been cancelled."""
-    backend, tok = engine
-    batch = DecodeBatch(backend, tok)
-    seqs = [
-        batch.new_sequence(source_ids(tok, TEXTS[t]), SamplingParams(max_new_tokens=n))
-        for t, n, _, _ in schedule
-    ]
-    step, pending = 0, list(range(len(schedule)))
-    while pending or len(batch):
-        joining = [i for i in pending if schedule[i][2] <= step]
-        if joining:
-            batch.add([seqs[i] for i in joining])
-            pending = [i for i in pending if i not in joining]
-        for i, (_, _, _, cancel_at) in enumerate(schedule):
-            if cancel_at == step and seqs[i].finish_reason is None:
-                batch.cancel(seqs[i].id)
-        batch.step()
-        step += 1
-        assert step < 200
-    return seqs
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=st.lists(REQUEST, min_size=1, max_size=8))
 def test_any_schedule_gives_the_ring_the_copied_caches_tokens(engine, copying_engine, schedule):
     """Whatever joins, finishes and is cancelled when, steps over the ring (wrapping,
     growing, shrinking, compacted) give each request the tokens and log-probabilities that
     steps over caches copied every step give it."""
-    ring = _run_schedule(engine, schedule)
-    copied = _run_schedule(copying_engine, schedule)
+    ring, _ = _run_schedule(engine, schedule)
+    copied, _ = _run_schedule(copying_engine, schedule)
     for a, b in zip(ring, copied, strict=True):
         assert a.generated == b.generated
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
