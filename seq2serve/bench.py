@@ -587,18 +587,23 @@ def serving_texts(tokenizer: Any, cfg: ModelConfig, n: int, length: int) -> list
     return texts
 
 
-def in_process(
-    backend: Backend, tokenizer: Any, texts: list[str], clients: int, new_tokens: int
-) -> dict[str, float]:
-    """The engine alone on the serving requests: each one at a time (the single HTTP stream
-    cycles through all of them too), and ``clients`` of them as one batch (each with its
-    encoder call; EOS ends a request as it does over HTTP)."""
-    params = SamplingParams(max_new_tokens=new_tokens)
-    ids = [tokenizer.encode(t).ids for t in texts]
+class InProcess:
+    """The engine alone (no HTTP, no scheduler) on the serving requests: the baselines the
+    server is measured against. ``alone`` runs requests one at a time (the single HTTP stream
+    cycles through the same requests); ``batch`` runs ``clients`` of them as one batch, each
+    with its encoder call (EOS ends a request as it does over HTTP)."""
 
-    def generate(rows: list[list[int]]) -> tuple[int, float, list[float]]:
-        batch = DecodeBatch(backend, tokenizer)
-        seqs = [batch.new_sequence(r, params) for r in rows]
+    def __init__(
+        self, backend: Backend, tokenizer: Any, texts: list[str], clients: int, new_tokens: int
+    ) -> None:
+        self.backend, self.tokenizer, self.clients = backend, tokenizer, clients
+        self.params = SamplingParams(max_new_tokens=new_tokens)
+        self.ids = [tokenizer.encode(t).ids for t in texts]
+
+    def _generate(self, rows: list[list[int]]) -> tuple[int, float, list[float]]:
+        """Tokens made, seconds taken, and each decoder step's seconds."""
+        batch = DecodeBatch(self.backend, self.tokenizer)
+        seqs = [batch.new_sequence(r, self.params) for r in rows]
         start = time.perf_counter()
         batch.add(seqs)
         steps = []
@@ -608,24 +613,27 @@ def in_process(
             steps.append(time.perf_counter() - t)
         return sum(len(s.generated) for s in seqs), time.perf_counter() - start, steps
 
-    tokens = seconds = 0.0
-    for r in ids:
-        n, t, _ = generate([r])
-        tokens, seconds = tokens + n, seconds + t
-    n, t, steps = generate([ids[i % len(ids)] for i in range(clients)])
-    encoder = []
-    one = np.asarray([ids[0]], np.int64)
-    for _ in range(10):
-        start = time.perf_counter()
-        backend.encode(one, np.ones_like(one))
-        encoder.append(time.perf_counter() - start)
-    return {
-        "source_tokens": float(np.mean([len(i) for i in ids])),
-        "alone_tokens_per_s": tokens / seconds,
-        "batch_tokens_per_s": n / t,
-        "batch_step_ms": 1000 * statistics.median(steps),
-        "encoder_ms": 1000 * statistics.median(encoder),
-    }
+    def alone(self, part: slice = slice(None)) -> float:
+        """Tokens/s over the requests of ``part``, one after another."""
+        tokens = seconds = 0.0
+        for row in self.ids[part]:
+            n, t, _ = self._generate([row])
+            tokens, seconds = tokens + n, seconds + t
+        return tokens / seconds
+
+    def batch(self) -> dict[str, float]:
+        rows = [self.ids[i % len(self.ids)] for i in range(self.clients)]
+        n, t, steps = self._generate(rows)
+        return {"batch_tokens_per_s": n / t, "batch_step_ms": 1000 * statistics.median(steps)}
+
+    def encoder_ms(self) -> float:
+        one = np.asarray([self.ids[0]], np.int64)
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            self.backend.encode(one, np.ones_like(one))
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
 
 
 async def _engine_load(
@@ -661,8 +669,9 @@ def _median_ratio(pairs: Iterable[tuple[float, float]]) -> float:
     return round(statistics.median(a / max(b, 1e-9) for a, b in pairs), 3)
 
 
-# The machine's speed drifts by tens of percent over minutes on shared hosts: the engine
-# in-process and the server take turns, and each ratio is the median of the rounds' ratios.
+# The machine's speed drifts by tens of percent over seconds to minutes on shared hosts.
+# Each load is bracketed by its in-process baseline, measured just before and just after it
+# (their mean is the round's baseline), and each ratio is the median of the rounds' ratios.
 ROUNDS = 3
 
 
@@ -678,7 +687,8 @@ def bench_serving(
     backend = OnnxBackend(bundle)
     clients = cfg.server_clients
     texts = serving_texts(bundle.tokenizer, bundle.config, clients, cfg.source_tokens)
-    in_process(backend, bundle.tokenizer, texts[:1], 1, 4)  # warm-up
+    engine = InProcess(backend, bundle.tokenizer, texts, clients, cfg.new_tokens)
+    InProcess(backend, bundle.tokenizer, texts[:1], 1, 4).alone()  # warm-up
     env = {
         "SEQ2SERVE_MAX_BATCH_SIZE": str(max(32, clients)),
         "SEQ2SERVE_MAX_QUEUE": "4096",
@@ -688,68 +698,73 @@ def bench_serving(
         env["SEQ2SERVE_NUM_THREADS"] = str(cfg.threads)
     if cfg.device != "cpu":
         env["SEQ2SERVE_DEVICE"] = cfg.device
-    engine: list[dict[str, float]] = []
-    single: list[dict[str, Any]] = []
-    many: list[dict[str, Any]] = []  # staggered arrivals
-    together: list[dict[str, Any]] = []  # the same number of streams, started at once
+    # Per round: the load, and its in-process baseline (the mean of the two around it).
+    single: list[tuple[dict[str, Any], float]] = []
+    many: list[tuple[dict[str, Any], float]] = []  # staggered arrivals
+    together: list[tuple[dict[str, Any], float]] = []  # as many streams, started at once
     alike: list[dict[str, Any]] = []  # the same arrivals, to the engine in-process
-    ids = [bundle.tokenizer.encode(t).ids for t in texts]
+    alone: list[float] = []
+    batches: list[dict[str, float]] = []
     limits = EngineLimits(max_batch_size=max(32, clients), max_queue=4096)
     memory: list[float] = []
+    half = slice(0, len(texts) // 2), slice(len(texts) // 2, None)
     proc, url = start_server(cfg.model, env)
     try:
         asyncio.run(_load(url, texts, 1, 1.0, cfg.new_tokens))  # warm-up
         for r in range(ROUNDS):
             progress(f"serving {name}, round {r + 1}/{ROUNDS}: in-process, 1 and {clients} streams")
-            engine.append(in_process(backend, bundle.tokenizer, texts, clients, cfg.new_tokens))
             seconds = cfg.server_seconds / ROUNDS
-            single.append(asyncio.run(_load(url, texts, 1, seconds / 2, cfg.new_tokens)))
+            alone.append(engine.alone(half[0]))
+            run = asyncio.run(_load(url, texts, 1, seconds / 2, cfg.new_tokens))
+            alone.append(engine.alone(half[1]))
+            single.append((run, (alone[-2] + alone[-1]) / 2))
+            batches.append(engine.batch())
             # Clients start evenly over one request's length: they reach the batch one by one.
-            stagger = cfg.new_tokens * engine[-1]["batch_step_ms"] / 1000 / clients
+            stagger = cfg.new_tokens * batches[-1]["batch_step_ms"] / 1000 / clients
             with ResidentMemory(proc.pid) as sampler:
-                many.append(
-                    asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens, stagger))
-                )
+                run = asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens, stagger))
             memory += sampler.samples
-            # The static batch's own traffic: every stream starts at once (the comparison that
-            # leaves only what HTTP, SSE and the scheduler cost).
-            together.append(asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens)))
-            engine_alone = Engine(backend, bundle.tokenizer, limits)
+            served = Engine(backend, bundle.tokenizer, limits)
             alike.append(
                 asyncio.run(
-                    _engine_load(engine_alone, ids, clients, seconds, cfg.new_tokens, stagger)
+                    _engine_load(served, engine.ids, clients, seconds, cfg.new_tokens, stagger)
                 )
             )
+            batches.append(engine.batch())
+            many.append((run, _mean_rate(batches[-2:])))
+            # The static batch's own traffic: every stream starts at once (the comparison that
+            # leaves only what HTTP, SSE and the scheduler cost).
+            run = asyncio.run(_load(url, texts, clients, seconds, cfg.new_tokens))
+            batches.append(engine.batch())
+            together.append((run, _mean_rate(batches[-2:])))
     finally:
         stop_server(proc)
-    figures = {k: round(statistics.median(e[k] for e in engine), 3) for k in engine[0]}
+    figures = {
+        "source_tokens": float(np.mean([len(i) for i in engine.ids])),
+        "alone_tokens_per_s": round(statistics.median(alone), 3),
+        **{k: round(statistics.median(b[k] for b in batches), 3) for k in batches[0]},
+        "encoder_ms": round(engine.encoder_ms(), 3),
+    }
     result: dict[str, Any] = {
         "rounds": ROUNDS,
         "in_process": figures,
-        "http_1": summarize(single),
-        "http_n": summarize(many),
+        "http_1": summarize([h for h, _ in single]),
+        "http_n": summarize([h for h, _ in many]),
         "engine_n": summarize(alike),
-        "http_n_together": summarize(together),
+        "http_n_together": summarize([h for h, _ in together]),
         "ttft_bound_ms": round(figures["encoder_ms"] + 2 * figures["batch_step_ms"], 2),
-        "ratio_http_1": _median_ratio(
-            (_tokens_per_s(h), e["alone_tokens_per_s"]) for h, e in zip(single, engine, strict=True)
-        ),
-        "ratio_http_n": _median_ratio(
-            (_tokens_per_s(h), e["batch_tokens_per_s"]) for h, e in zip(many, engine, strict=True)
-        ),
-        "ratio_http_n_together": _median_ratio(
-            (_tokens_per_s(h), e["batch_tokens_per_s"])
-            for h, e in zip(together, engine, strict=True)
-        ),
+        "ratio_http_1": _median_ratio((_tokens_per_s(h), base) for h, base in single),
+        "ratio_http_n": _median_ratio((_tokens_per_s(h), base) for h, base in many),
+        "ratio_http_n_together": _median_ratio((_tokens_per_s(h), base) for h, base in together),
         # HTTP's own share: the server against the engine in-process under the same arrivals.
         "ratio_http_n_engine": _median_ratio(
-            (_tokens_per_s(h), _tokens_per_s(e)) for h, e in zip(many, alike, strict=True)
+            (_tokens_per_s(h), _tokens_per_s(e)) for (h, _), e in zip(many, alike, strict=True)
         ),
     }
     if memory:
         result["http_n"]["rss_mb_median"] = round(statistics.median(memory), 1)
         result["http_n"]["rss_mb_max"] = round(max(memory), 1)
-    del backend, bundle
+    del backend, bundle, engine
     gc.collect()
     stagger = cfg.new_tokens * figures["batch_step_ms"] / 1000 / clients
     if ct2_model is not None:
@@ -772,6 +787,10 @@ def bench_serving(
         finally:
             stop_server(proc)
     return result
+
+
+def _mean_rate(batches: list[dict[str, float]]) -> float:
+    return statistics.mean(b["batch_tokens_per_s"] for b in batches)
 
 
 def bench_ct2_server(

@@ -4,8 +4,10 @@ the load client. (Speed itself is measured by `seq2serve bench`, never asserted 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
+import types
 
 import onnx
 import pytest
@@ -104,3 +106,45 @@ def test_memory_is_weighed_against_ctranslate2_serving_when_its_server_ran():
         (memory,) = [g for g in bench.goals(results) if "resident memory" in g["goal"]]
         assert memory["value"] == expected and whose in memory["goal"]
         assert not memory["met"]
+
+
+def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bundle, monkeypatch):
+    """The in-process baselines drift with the machine: each load's ratio is taken against
+    the mean of the baselines measured just before and just after it, round by round."""
+    rates = iter(range(100, 10_000, 100))  # each baseline measured is 100 tokens/s faster
+    monkeypatch.setattr(bench.InProcess, "alone", lambda self, part=None: float(next(rates)))
+    monkeypatch.setattr(
+        bench.InProcess,
+        "batch",
+        lambda self: {"batch_tokens_per_s": float(next(rates)), "batch_step_ms": 1.0},
+    )
+
+    def load(*args, **kwargs):
+        return {"clients": 1, "seconds": 1.0, "requests": 1, "tokens": 150, "errors": 0,
+                "ttft": [0.01], "itl": [0.01]}  # fmt: skip
+
+    async def served(*args, **kwargs):
+        return load()
+
+    async def engine_load(*args, **kwargs):
+        return {**load(), "tokens": 300}
+
+    monkeypatch.setattr(bench, "_load", served)
+    monkeypatch.setattr(bench, "_engine_load", engine_load)
+    server = types.SimpleNamespace(pid=0)
+    monkeypatch.setattr(bench, "start_server", lambda model, env: (server, "http://127.0.0.1:1"))
+    monkeypatch.setattr(bench, "stop_server", lambda proc: None)
+    sampler = types.SimpleNamespace(samples=[])
+    monkeypatch.setattr(bench, "ResidentMemory", lambda pid: contextlib.nullcontext(sampler))
+    cfg = bench.BenchConfig(tiny_bundle, server_clients=2, new_tokens=4, server_seconds=0.3)
+    out = bench.bench_serving(cfg, True, lambda _: None, compare_batch_1=False)
+    # The warm-up measures 100. Round 1 measures 200, 300 (alone, around the one stream),
+    # 400, 500, 600 (batches around the staggered streams, then the simultaneous ones);
+    # round 2 700 ... 1100; round 3 1200 ... 1600. The medians are round 2's.
+    assert bench.ROUNDS == 3
+    assert out["ratio_http_1"] == round(150 / 750, 3)
+    assert out["ratio_http_n"] == round(150 / 950, 3)
+    assert out["ratio_http_n_together"] == round(150 / 1050, 3)
+    assert out["ratio_http_n_engine"] == 0.5  # the engine's run against the server's
+    assert out["in_process"]["alone_tokens_per_s"] == 750
+    assert out["in_process"]["batch_tokens_per_s"] == 1000
