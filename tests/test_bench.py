@@ -116,7 +116,11 @@ def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bund
     monkeypatch.setattr(
         bench.InProcess,
         "batch",
-        lambda self: {"batch_tokens_per_s": float(next(rates)), "batch_step_ms": 1.0},
+        lambda self: {
+            "batch_tokens_per_s": float(next(rates)),
+            "batch_step_ms": 1.0,
+            "encoder_ms": 2.0,
+        },
     )
 
     def load(*args, **kwargs):
@@ -148,3 +152,4 @@ def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bund
     assert out["ratio_http_n_engine"] == 0.5  # the engine's run against the server's
     assert out["in_process"]["alone_tokens_per_s"] == 750
     assert out["in_process"]["batch_tokens_per_s"] == 1000
+    assert out["ttft_bound_ms"] == 4.0  # the encoder and two steps
