@@ -710,7 +710,8 @@ def bench_serving(
     batches: list[dict[str, float]] = []
     limits = EngineLimits(max_batch_size=max(32, clients), max_queue=4096)
     memory: list[float] = []
-    half = slice(0, len(texts) // 2), slice(len(texts) // 2, None)
+    # The single stream's baseline: half the requests before it, half after (one: before and after).
+    half = slice(0, max(1, len(texts) // 2)), slice(len(texts) // 2, None)
     proc, url = start_server(cfg.model, env)
     try:
         asyncio.run(_load(url, texts, 1, 1.0, cfg.new_tokens))  # warm-up

@@ -108,20 +108,9 @@ def test_memory_is_weighed_against_ctranslate2_serving_when_its_server_ran():
         assert not memory["met"]
 
 
-def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bundle, monkeypatch):
-    """The in-process baselines drift with the machine: each load's ratio is taken against
-    the mean of the baselines measured just before and just after it, round by round."""
-    rates = iter(range(100, 10_000, 100))  # each baseline measured is 100 tokens/s faster
-    monkeypatch.setattr(bench.InProcess, "alone", lambda self, part=None: float(next(rates)))
-    monkeypatch.setattr(
-        bench.InProcess,
-        "batch",
-        lambda self: {
-            "batch_tokens_per_s": float(next(rates)),
-            "batch_step_ms": 1.0,
-            "encoder_ms": 2.0,
-        },
-    )
+def _replace_the_loads(monkeypatch) -> None:
+    """The serving loads and the server replaced by fixed figures: 150 tokens/s over HTTP,
+    300 for the engine handed the same arrivals."""
 
     def load(*args, **kwargs):
         return {"clients": 1, "seconds": 1.0, "requests": 1, "tokens": 150, "errors": 0,
@@ -140,6 +129,24 @@ def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bund
     monkeypatch.setattr(bench, "stop_server", lambda proc: None)
     sampler = types.SimpleNamespace(samples=[])
     monkeypatch.setattr(bench, "ResidentMemory", lambda pid: contextlib.nullcontext(sampler))
+
+
+def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bundle, monkeypatch):
+    """The in-process baselines drift with the machine: each load's ratio is taken against
+    the mean of the baselines measured just before and just after it, round by round."""
+    rates = iter(range(100, 10_000, 100))  # each baseline measured is 100 tokens/s faster
+    monkeypatch.setattr(bench.InProcess, "alone", lambda self, part=None: float(next(rates)))
+    monkeypatch.setattr(
+        bench.InProcess,
+        "batch",
+        lambda self: {
+            "batch_tokens_per_s": float(next(rates)),
+            "batch_step_ms": 1.0,
+            "encoder_ms": 2.0,
+        },
+    )
+
+    _replace_the_loads(monkeypatch)
     cfg = bench.BenchConfig(tiny_bundle, server_clients=2, new_tokens=4, server_seconds=0.3)
     out = bench.bench_serving(cfg, True, lambda _: None, compare_batch_1=False)
     # The warm-up measures 100. Round 1 measures 200, 300 (alone, around the one stream),
@@ -153,3 +160,13 @@ def test_each_load_is_weighed_against_the_baselines_measured_around_it(tiny_bund
     assert out["in_process"]["alone_tokens_per_s"] == 750
     assert out["in_process"]["batch_tokens_per_s"] == 1000
     assert out["ttft_bound_ms"] == 4.0  # the encoder and two steps
+
+
+def test_a_single_client_has_a_baseline_on_each_side_of_its_stream(tiny_bundle, monkeypatch):
+    """With one request to cycle through, the halves of the one-at-a-time baseline are that
+    request, before and after the stream (the real engine runs them)."""
+    _replace_the_loads(monkeypatch)
+    cfg = bench.BenchConfig(tiny_bundle, server_clients=1, new_tokens=4, server_seconds=0.3)
+    out = bench.bench_serving(cfg, True, lambda _: None, compare_batch_1=False)
+    assert out["in_process"]["alone_tokens_per_s"] > 0
+    assert 0 < out["ratio_http_1"] < float("inf")
