@@ -12,12 +12,17 @@ from typing import Any
 import httpx
 import pytest
 from httpx_sse import aconnect_sse, connect_sse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from seq2serve.engine.bundle import load_bundle
+from seq2serve.engine.generation import TokenEvent
 from seq2serve.engine.metrics import EngineMetrics
 from seq2serve.engine.runtime import DecoderResult, OnnxBackend
 from seq2serve.engine.scheduler import Engine, EngineLimits
+from seq2serve.service import sse
+from seq2serve.service.routes.generate import token_event, token_json
 from tests.service_helpers import running_server, settings_for, slow_engine
 
 pytestmark = pytest.mark.timeout(120)
@@ -315,3 +320,21 @@ def test_error_after_the_stream_opened(tiny_bundle):
             "param": None,
             "code": "internal_error",
         }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    index=st.integers(1, 10**9),
+    token_id=st.integers(-1, 2**31),
+    text=st.text(),
+    logprob=st.floats(),  # NaN and infinities included: they go out as null
+    special=st.booleans(),
+)
+def test_a_token_event_is_written_as_the_general_encoder_writes_it(
+    index, token_id, text, logprob, special
+):
+    """Token events are formatted directly (one per token per stream): byte for byte the
+    event ``sse.data_event`` makes of the same fields, escapes and non-ASCII included."""
+    event = TokenEvent(0, token_id, text, logprob, special)
+    payload = {"index": index, "token": token_json(event), "generated_text": None, "details": None}
+    assert token_event(index, event) == sse.data_event(payload)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from json.encoder import encode_basestring
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -118,6 +119,21 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
     }
 
 
+def token_event(index: int, event: TokenEvent) -> bytes:
+    """The SSE event of a token that is not the stream's last: the bytes ``sse.data_event``
+    writes for ``{"index", "token": token_json(event), "generated_text": None, "details":
+    None}``, formatted directly (one per token per stream; a fifth of the general encoder's
+    time). ``tests/test_service_stream.py`` holds the two equal."""
+    logprob = _finite(event.logprob)
+    return (
+        f'data: {{"index": {index}, "token": {{"id": {event.token_id}, '
+        f'"text": {encode_basestring(event.text)}, '
+        f'"logprob": {"null" if logprob is None else float.__repr__(logprob)}, '
+        f'"special": {"true" if event.special else "false"}}}, '
+        '"generated_text": null, "details": null}\n\n'
+    ).encode()
+
+
 def _details(stream: GenerationStream, input_length: int) -> dict[str, Any]:
     seq = stream.sequence
     return {
@@ -135,14 +151,16 @@ async def tgi_events(stream: GenerationStream, input_length: int) -> AsyncGenera
             chunk = []
             for event in events:
                 index += 1
-                last = event.finish_reason is not None
+                if event.finish_reason is None:
+                    chunk.append(token_event(index, event))
+                    continue
                 chunk.append(
                     sse.data_event(
                         {
                             "index": index,
                             "token": token_json(event),
-                            "generated_text": stream.sequence.text if last else None,
-                            "details": _details(stream, input_length) if last else None,
+                            "generated_text": stream.sequence.text,
+                            "details": _details(stream, input_length),
                         }
                     )
                 )
