@@ -721,7 +721,7 @@ def bench_serving(
             alone.append(engine.alone(half[0]))
             run = asyncio.run(_load(url, texts, 1, seconds / 2, cfg.new_tokens))
             alone.append(engine.alone(half[1]))
-            single.append((run, (alone[-2] + alone[-1]) / 2))
+            single.append((run, statistics.mean(alone[-2:])))
             batches.append(engine.batch())
             # Clients start evenly over one request's length: they reach the batch one by one.
             stagger = cfg.new_tokens * batches[-1]["batch_step_ms"] / 1000 / clients

@@ -32,7 +32,12 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def data_event(payload: Any) -> bytes:
     # json.dumps escapes CR and LF inside strings, so one payload is always one data line.
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return json_event(json.dumps(payload, ensure_ascii=False))
+
+
+def json_event(encoded: str) -> bytes:
+    """The event of one ``data:`` line holding ``encoded``: JSON text, on one line."""
+    return b"data: " + encoded.encode("utf-8") + b"\n\n"
 
 
 def error_event(error: ApiError) -> bytes:

@@ -125,13 +125,13 @@ def token_event(index: int, event: TokenEvent) -> bytes:
     None}``, formatted directly (one per token per stream; a fifth of the general encoder's
     time). ``tests/test_service_stream.py`` holds the two equal."""
     logprob = _finite(event.logprob)
-    return (
-        f'data: {{"index": {index}, "token": {{"id": {event.token_id}, '
+    return sse.json_event(
+        f'{{"index": {index}, "token": {{"id": {event.token_id}, '
         f'"text": {encode_basestring(event.text)}, '
         f'"logprob": {"null" if logprob is None else float.__repr__(logprob)}, '
         f'"special": {"true" if event.special else "false"}}}, '
-        '"generated_text": null, "details": null}\n\n'
-    ).encode()
+        '"generated_text": null, "details": null}'
+    )
 
 
 def _details(stream: GenerationStream, input_length: int) -> dict[str, Any]:
