@@ -13,8 +13,8 @@ Parts:
   resident memory;
 - floor: the bytes a batch-1 decode step must read (the decoder's weights, the LM head
   included, and the KV caches) over the machine's measured read bandwidth;
-- step cost: decoder step 16 against step 256 for one sequence (the cache keeps a step's cost
-  flat; recomputation would grow it linearly);
+- step cost: decoder step 16 against step 256 for one sequence, the two taking turns (the
+  cache keeps a step's cost flat; recomputation would grow it linearly);
 - serving, per precision: one streaming client over loopback against the same requests one at
   a time in-process; N concurrent streaming clients (started evenly over one request's
   length, so they join the running batch one by one as real traffic does) against the same
@@ -267,28 +267,41 @@ def _faster(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_step_growth(backend: Backend, tokenizer: Any, cfg: BenchConfig) -> dict[str, float]:
-    """Per-step time of one sequence around step 16 and around step ``long_steps``."""
+    """Per-step time of one sequence around step 16 and around step ``long_steps``, the two
+    taking turns: a sequence 12 steps in and one ``long_steps - 4`` steps in step one after
+    the other, eight times each, so that both figures come from the same second of a host
+    whose speed drifts (int8 reference model, 2-core Xeon: 1.45 in a full run when step 256
+    was timed half a second after step 16; taking turns, 1.03-1.07 in three runs)."""
     steps = min(cfg.long_steps, backend.config.max_target_positions - 8)
     (src,) = sources(backend.config.vocab_size, 1, cfg.source_tokens, backend.config.eos_token_id)
-    per_step: list[list[float]] = []
-    for _ in range(3):
+
+    def stepped(n: int) -> DecodeBatch:
+        """A batch of one sequence that has taken ``n`` steps (of ``steps + 8``)."""
         batch = DecodeBatch(backend, tokenizer)
-        batch.add(
-            [batch.new_sequence(src, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))]
-        )
-        times = []
-        while len(batch):
-            start = time.perf_counter()
+        params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+        batch.add([batch.new_sequence(src, params)])
+        for _ in range(n):
             batch.step()
-            times.append(time.perf_counter() - start)
-        per_step.append(times)
-    early = statistics.median(t for run in per_step for t in run[12:20])
-    late = statistics.median(t for run in per_step for t in run[steps - 4 : steps + 4])
+        return batch
+
+    def timed(batch: DecodeBatch) -> float:
+        start = time.perf_counter()
+        batch.step()
+        return time.perf_counter() - start
+
+    early_times: list[float] = []
+    late_times: list[float] = []
+    for _ in range(3):
+        early, late = stepped(12), stepped(steps - 4)
+        for _ in range(8):
+            early_times.append(timed(early))
+            late_times.append(timed(late))
+    early_s, late_s = statistics.median(early_times), statistics.median(late_times)
     return {
         "step": steps,
-        "ms_at_step_16": round(1000 * early, 3),
-        f"ms_at_step_{steps}": round(1000 * late, 3),
-        "ratio": round(late / early, 3),
+        "ms_at_step_16": round(1000 * early_s, 3),
+        f"ms_at_step_{steps}": round(1000 * late_s, 3),
+        "ratio": round(late_s / early_s, 3),
     }
 
 

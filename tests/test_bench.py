@@ -170,3 +170,33 @@ def test_a_single_client_has_a_baseline_on_each_side_of_its_stream(tiny_bundle, 
     out = bench.bench_serving(cfg, True, lambda _: None, compare_batch_1=False)
     assert out["in_process"]["alone_tokens_per_s"] > 0
     assert 0 < out["ratio_http_1"] < float("inf")
+
+
+def test_the_step_cost_takes_early_and_late_steps_in_turn(tiny_bundle, monkeypatch):
+    """Step 16 and step ``long_steps`` are timed one after the other, a step at a time, on
+    two sequences that stand at those steps, so that a drifting host slows both alike."""
+    from seq2serve.engine import bundle as bundle_mod
+    from seq2serve.engine.generation import DecodeBatch
+    from seq2serve.engine.runtime import OnnxBackend
+
+    b = bundle_mod.load_bundle(tiny_bundle)
+    cfg = bench.BenchConfig(tiny_bundle, long_steps=40)
+    timed: list[int] = []  # the step each timed call takes, in call order
+    step = DecodeBatch.step
+
+    def counting(self):
+        (seq,) = self.rows
+        timed.append(len(seq.generated))
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", counting)
+    out = bench.bench_step_growth(OnnxBackend(b), b.tokenizer, cfg)
+    assert out["step"] == 40 and out["ratio"] > 0
+    # Per round: 12 steps to stand at step 12 (the first token came from the prefill, so a
+    # sequence 12 steps in holds 13 tokens), 36 more for the other, then eight pairs.
+    per_round = 12 + 36 + 16
+    assert len(timed) == 3 * per_round
+    for r in range(3):
+        pairs = timed[r * per_round + 48 : (r + 1) * per_round]
+        assert pairs[0::2] == list(range(13, 21))  # the early sequence: steps 13..20
+        assert pairs[1::2] == list(range(37, 45))  # the late one: steps 37..44
