@@ -441,6 +441,31 @@ def test_no_server_error_after_abuse(server):
 # -- settings -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/encode", {"inputs": "1234"}),
+        ("/v1/classify", {"inputs": "1234"}),
+        ("/v1/generate", {"inputs": "1234"}),
+        ("/v1/generate", {"inputs": "1234", "stream": True}),
+        ("/generate_stream", {"inputs": "1234"}),
+        ("/v1/completions", {"prompt": "1234"}),
+        ("/v1/embeddings", {"input": "1234"}),
+    ],
+)
+def test_model_routes_answer_503_until_the_model_is_warm(tiny_bundle, path, body):
+    from starlette.testclient import TestClient
+
+    from seq2serve.service.app import create_app
+
+    # Without the lifespan the model is never loaded: every route that runs it refuses.
+    client = TestClient(create_app(settings_for(tiny_bundle)))
+    error = assert_error(client.post(path, json=body), 503)
+    assert error["code"] == "not_ready"
+    assert client.get("/ready").status_code == 503
+    assert client.get("/health").status_code == 200
+
+
 def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SEQ2SERVE_MODEL_DIR", str(tmp_path))
     monkeypatch.setenv("SEQ2SERVE_MAX_BATCH_SIZE", "8")

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from seq2serve.engine.scheduler import EncodeOutput, Engine
-from seq2serve.service.deps import EngineDep, LimitsDep, StateDep
+from seq2serve.service.deps import ServingDep
 from seq2serve.service.errors import ApiError, error_responses
 from seq2serve.service.inputs import as_list, param_names, tokenize
 from seq2serve.service.schemas import (
@@ -77,13 +77,11 @@ def pooled(output: EncodeOutput, pooling: str, normalize: bool) -> np.ndarray:
     response_model_exclude_none=True,
     responses=ERRORS,
 )
-async def encode(
-    body: EncodeRequest, engine: EngineDep, limits: LimitsDep, state: StateDep
-) -> JSONResponse:
+async def encode(body: EncodeRequest, serving: ServingDep) -> JSONResponse:
     output, n_tokens = await run_encoder(
-        engine, body.inputs, limits, truncate=body.truncate, param="inputs"
+        serving.engine, body.inputs, serving.limits, truncate=body.truncate, param="inputs"
     )
-    out: dict[str, Any] = {"model": state.model_id}
+    out: dict[str, Any] = {"model": serving.model_id}
     if body.pooling == "none":
         states = output.last_hidden_state
         out["hidden_states"] = [_floats(unit(h) if body.normalize else h) for h in states]
@@ -99,14 +97,12 @@ async def encode(
     response_model=ClassifyResponse,
     responses=ERRORS,
 )
-async def classify(
-    body: ClassifyRequest, engine: EngineDep, limits: LimitsDep, state: StateDep
-) -> JSONResponse:
-    labels = engine.config.labels
+async def classify(body: ClassifyRequest, serving: ServingDep) -> JSONResponse:
+    labels = serving.engine.config.labels
     if not labels:
         raise ApiError(422, "this model has no classification head", code="no_classifier")
     output, n_tokens = await run_encoder(
-        engine, body.inputs, limits, truncate=body.truncate, param="inputs"
+        serving.engine, body.inputs, serving.limits, truncate=body.truncate, param="inputs"
     )
     probs = softmax(output.class_logits.astype(np.float64))
     k = len(labels) if body.top_k is None else min(body.top_k, len(labels))
@@ -115,5 +111,5 @@ async def classify(
         order = np.argsort(-row, kind="stable")[:k]
         results.append([{"label": labels[i], "score": _floats(np.asarray(row[i]))} for i in order])
     return JSONResponse(
-        {"model": state.model_id, "results": results, "usage": {"input_tokens": n_tokens}}
+        {"model": serving.model_id, "results": results, "usage": {"input_tokens": n_tokens}}
     )

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from seq2serve.engine.generation import SamplingParams, TokenEvent
 from seq2serve.engine.scheduler import GenerationStream, RequestFailed
 from seq2serve.service import sse
-from seq2serve.service.deps import EngineDep, LimitsDep, SettingsDep
+from seq2serve.service.deps import Serving, ServingDep
 from seq2serve.service.errors import ApiError, error_responses, invalid
 from seq2serve.service.inputs import check_text, tokenize
 from seq2serve.service.schemas import (
@@ -174,21 +174,18 @@ async def tgi_events(stream: GenerationStream, input_length: int) -> AsyncGenera
 
 
 async def _generate(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    limits: Limits,
-    keepalive_s: float,
-    *,
-    stream: bool,
+    body: GenerateRequest, request: Request, serving: Serving, *, stream: bool
 ) -> Response:
+    engine, limits = serving.engine, serving.limits
     params = sampling_params(body.parameters, limits, stream=stream)
     check_text(body.inputs, "inputs")
     (ids,) = await tokenize(engine, [body.inputs], ["inputs"], limits, truncate=None)
     generation = open_stream(engine, ids, params)
     if stream:
         return sse.EventStreamResponse(
-            tgi_events(generation, len(ids)), keepalive_s=keepalive_s, on_close=generation.cancel
+            tgi_events(generation, len(ids)),
+            keepalive_s=serving.settings.keepalive_s,
+            on_close=generation.cancel,
         )
     events = await collect(generation, request)
     out: dict[str, Any] = {"generated_text": generation.sequence.text}
@@ -206,31 +203,17 @@ async def _generate(
     response_model=GenerateResponse,
     responses=RESPONSES,
 )
-async def generate(
-    body: GenerateRequest,
-    request: Request,
-    engine: EngineDep,
-    limits: LimitsDep,
-    settings: SettingsDep,
-) -> Response:
-    return await _generate(body, request, engine, limits, settings.keepalive_s, stream=body.stream)
+async def generate(body: GenerateRequest, request: Request, serving: ServingDep) -> Response:
+    return await _generate(body, request, serving, stream=body.stream)
 
 
 def _tgi_route(stream: bool | None) -> Callable[..., Awaitable[Response]]:
     """TGI's own paths: `/generate` and `/generate_stream` fix the answer's kind; `/` (where
     InferenceClient(base_url).text_generation posts) reads it from the body."""
 
-    async def route(
-        body: GenerateRequest,
-        request: Request,
-        engine: EngineDep,
-        limits: LimitsDep,
-        settings: SettingsDep,
-    ) -> Response:
+    async def route(body: GenerateRequest, request: Request, serving: ServingDep) -> Response:
         streaming = body.stream if stream is None else stream
-        return await _generate(
-            body, request, engine, limits, settings.keepalive_s, stream=streaming
-        )
+        return await _generate(body, request, serving, stream=streaming)
 
     return route
 

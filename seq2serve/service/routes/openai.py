@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from seq2serve.engine.generation import FINISH_LENGTH, SamplingParams
 from seq2serve.engine.scheduler import GenerationStream, RequestFailed
 from seq2serve.service import sse
-from seq2serve.service.deps import EngineDep, LimitsDep, StateDep
+from seq2serve.service.deps import ServingDep, StateDep
 from seq2serve.service.errors import ApiError, error_responses, invalid
 from seq2serve.service.inputs import as_list, check_text, param_names, tokenize
 from seq2serve.service.middleware import new_id
@@ -144,10 +144,9 @@ async def completion_events(
 async def completions(
     body: CompletionRequest,
     request: Request,
-    engine: EngineDep,
-    limits: LimitsDep,
-    state: StateDep,
+    serving: ServingDep,
 ) -> Response:
+    engine, limits, state = serving.engine, serving.limits, serving.state
     check_model(state, body.model)
     params = completion_params(body, limits)
     prompts = as_list(body.prompt, limits, "prompt")
@@ -209,11 +208,12 @@ async def completions(
     response_model=EmbeddingResponse,
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
 )
-async def embeddings(
-    body: EmbeddingRequest, engine: EngineDep, limits: LimitsDep, state: StateDep
-) -> JSONResponse:
+async def embeddings(body: EmbeddingRequest, serving: ServingDep) -> JSONResponse:
+    state = serving.state
     check_model(state, body.model)
-    output, n_tokens = await run_encoder(engine, body.input, limits, truncate=False, param="input")
+    output, n_tokens = await run_encoder(
+        serving.engine, body.input, serving.limits, truncate=False, param="input"
+    )
     vectors = np.nan_to_num(pooled(output, "mean", normalize=True)).astype("<f4")
     data = []
     for i, vector in enumerate(vectors):
