@@ -15,6 +15,9 @@ from onnx import numpy_helper
 
 from seq2serve import bench, bench_engines, contract
 from seq2serve.config import ModelConfig
+from seq2serve.engine.bundle import load_bundle
+from seq2serve.engine.generation import DecodeBatch
+from seq2serve.engine.runtime import OnnxBackend
 
 
 def _decoder_weight_bytes(bundle, quantized: bool) -> int:
@@ -175,11 +178,7 @@ def test_a_single_client_has_a_baseline_on_each_side_of_its_stream(tiny_bundle, 
 def test_the_step_cost_takes_early_and_late_steps_in_turn(tiny_bundle, monkeypatch):
     """Step 16 and step ``long_steps`` are timed one after the other, a step at a time, on
     two sequences that stand at those steps, so that a drifting host slows both alike."""
-    from seq2serve.engine import bundle as bundle_mod
-    from seq2serve.engine.generation import DecodeBatch
-    from seq2serve.engine.runtime import OnnxBackend
-
-    b = bundle_mod.load_bundle(tiny_bundle)
+    b = load_bundle(tiny_bundle)
     cfg = bench.BenchConfig(tiny_bundle, long_steps=40)
     timed: list[int] = []  # the step each timed call takes, in call order
     step = DecodeBatch.step
@@ -194,9 +193,10 @@ def test_the_step_cost_takes_early_and_late_steps_in_turn(tiny_bundle, monkeypat
     assert out["step"] == 40 and out["ratio"] > 0
     # Per round: 12 steps to stand at step 12 (the first token came from the prefill, so a
     # sequence 12 steps in holds 13 tokens), 36 more for the other, then eight pairs.
-    per_round = 12 + 36 + 16
+    advance = 12 + 36
+    per_round = advance + 16
     assert len(timed) == 3 * per_round
     for r in range(3):
-        pairs = timed[r * per_round + 48 : (r + 1) * per_round]
+        pairs = timed[r * per_round + advance : (r + 1) * per_round]
         assert pairs[0::2] == list(range(13, 21))  # the early sequence: steps 13..20
         assert pairs[1::2] == list(range(37, 45))  # the late one: steps 37..44

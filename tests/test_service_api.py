@@ -12,8 +12,10 @@ import textwrap
 import httpx
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
 from seq2serve.engine.bundle import load_bundle
+from seq2serve.service.app import create_app
 from seq2serve.service.settings import Limits, Settings
 from tests.service_helpers import running_server, settings_for
 
@@ -454,10 +456,6 @@ def test_no_server_error_after_abuse(server):
     ],
 )
 def test_model_routes_answer_503_until_the_model_is_warm(tiny_bundle, path, body):
-    from starlette.testclient import TestClient
-
-    from seq2serve.service.app import create_app
-
     # Without the lifespan the model is never loaded: every route that runs it refuses.
     client = TestClient(create_app(settings_for(tiny_bundle)))
     error = assert_error(client.post(path, json=body), 503)

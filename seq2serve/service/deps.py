@@ -67,7 +67,7 @@ class Serving:
 
 
 async def get_serving(request: Request) -> Serving:
-    state: ServiceState = request.app.state.service
+    state = await get_state(request)
     error = unavailable(state)
     if error is not None:
         raise error

@@ -209,8 +209,7 @@ async def completions(
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
 )
 async def embeddings(body: EmbeddingRequest, serving: ServingDep) -> JSONResponse:
-    state = serving.state
-    check_model(state, body.model)
+    check_model(serving.state, body.model)
     output, n_tokens = await run_encoder(
         serving.engine, body.input, serving.limits, truncate=False, param="input"
     )
@@ -227,7 +226,7 @@ async def embeddings(body: EmbeddingRequest, serving: ServingDep) -> JSONRespons
         {
             "object": "list",
             "data": data,
-            "model": state.model_id,
+            "model": serving.model_id,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
     )
