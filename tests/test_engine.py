@@ -26,6 +26,7 @@ from seq2serve.engine.generation import (
     SamplingParams,
     beam_search,
     log_softmax,
+    pad_rows,
     run_to_completion,
 )
 from seq2serve.engine.runtime import OnnxBackend, log_softmax_rows
@@ -124,6 +125,30 @@ def test_freed_slots_are_reused_in_place_and_rows_stay_equal_to_alone(engine):
         assert seq.generated == want
     assert max(widths) > min(widths), "no joiner had a longer source than the batch"
     assert batch.slots == [] and batch.dec_mask.shape[0] == 0  # idle: nothing kept
+
+
+def test_a_batch_that_starts_empty_takes_the_encoders_arrays_and_later_joiners_are_copied(
+    engine,
+):
+    """Rows that start an empty batch bring their cross-attention keys/values as the encoder
+    made them (no copy); a later joiner is copied into the batch's arrays, and every row
+    still gets its tokens alone."""
+    backend, tok = engine
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    batch = DecodeBatch(backend, tok)
+    first = [batch.new_sequence(source_ids(tok, t), params) for t in SOURCES[:2]]
+    ids, mask = pad_rows([s.source_ids for s in first], backend.config.pad_token_id)
+    encoded = backend.encode(ids, mask)
+    batch.prefill(first, encoded.cross, mask)
+    assert all(held is made for held, made in zip(batch.cross, encoded.cross, strict=True))
+    batch.step()
+    later = batch.new_sequence(source_ids(tok, SOURCES[3]), params)  # a longer source
+    batch.add([later])
+    assert all(held is not made for held, made in zip(batch.cross, encoded.cross, strict=True))
+    while len(batch):
+        batch.step()
+    for seq, text in zip([*first, later], [*SOURCES[:2], SOURCES[3]], strict=True):
+        assert seq.generated == alone(engine, text, params), text
 
 
 def test_a_slot_left_free_is_compacted_away(engine):
