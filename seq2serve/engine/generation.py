@@ -324,7 +324,8 @@ class DecodeBatch:
         """Place rows whose encoder output is already computed (cross K/V per layer): into
         free slots first, then appended. They hold no cached token so far, except, with
         ``first`` (per layer (N, H, 1, D): the cache of a first token), in the column the
-        last step wrote."""
+        last step wrote. ``cross`` and ``enc_mask`` are handed over: an empty batch keeps
+        them as its own arrays, and later joiners are written into them."""
         if first is not None and self.dec_mask.shape[1] == 0:  # room for the first column
             self.past = [_pad_to(a, 2, 1) for a in self.past]
             self.dec_mask = _pad_to(self.dec_mask, 1, 1)
