@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
+import sys
+import threading
 import types
 
 import onnx
@@ -18,6 +21,7 @@ from seq2serve.config import ModelConfig
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import DecodeBatch
 from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.engine.scheduler import AUTO_NICE, lower_priority
 
 
 def _decoder_weight_bytes(bundle, quantized: bool) -> int:
@@ -200,3 +204,53 @@ def test_the_step_cost_takes_early_and_late_steps_in_turn(tiny_bundle, monkeypat
         pairs = timed[r * per_round + advance : (r + 1) * per_round]
         assert pairs[0::2] == list(range(13, 21))  # the early sequence: steps 13..20
         assert pairs[1::2] == list(range(37, 45))  # the late one: steps 37..44
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values")
+def test_the_load_client_sits_between_the_servers_event_loop_and_its_compute_threads():
+    """Halfway between the main thread's nice value and the least favoured thread's: here a
+    thread lowered to the engine's ``AUTO_NICE``, then gone again."""
+    lowered, release = threading.Event(), threading.Event()
+
+    def compute() -> None:
+        lower_priority((threading.get_native_id(),), AUTO_NICE)
+        lowered.set()
+        release.wait(10)
+
+    loop = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's
+    before = bench.client_nice(os.getpid())
+    assert loop <= before <= loop + (AUTO_NICE - loop) // 2  # other tests' threads, if any
+    worker = threading.Thread(target=compute)
+    worker.start()
+    try:
+        assert lowered.wait(10)
+        assert bench.client_nice(os.getpid()) == loop + (AUTO_NICE - loop) // 2
+    finally:
+        release.set()
+        worker.join()
+    assert bench.client_nice(os.getpid()) == before
+    assert bench.client_nice(2**22 + 1) == 0  # no such process
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values")
+def test_a_load_runs_on_a_thread_of_its_own_at_the_nice_value_asked_for():
+    """The caller keeps its own priority, and a failure of the load reaches the caller."""
+
+    async def recorded() -> dict:
+        return {"nice": _nice(), "thread": threading.get_ident()}
+
+    before = _nice()
+    out = bench.run_client(recorded(), 5)
+    assert out["nice"] == max(5, before)
+    assert out["thread"] != threading.get_ident()
+    assert _nice() == before
+
+    async def failing() -> dict:
+        raise ConnectionRefusedError("no server")
+
+    with pytest.raises(ConnectionRefusedError):
+        bench.run_client(failing(), 0)
