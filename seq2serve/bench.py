@@ -541,17 +541,21 @@ def client_nice(pid: int) -> int:
     (the HTTP-bound default model), nice 5 raised its time to first token p50 from 4.8 to
     6.0 ms, so it stays at the loop's."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        nice = {
-            int(tid): int(
-                Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16]
-            )
-            for tid in tasks
-        }
-    except (OSError, ValueError, IndexError):
+        nice = _thread_nice_values(pid)
+    except (OSError, ValueError, IndexError):  # no such process, a thread gone, not Linux
         return 0
     loop = nice.get(pid, 0)
     return loop + max(0, max(nice.values(), default=loop) - loop) // 2
+
+
+def _thread_nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value, by thread id (field 19 of ``/proc/PID/task/TID/stat``)."""
+    values = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        after_name = stat.rsplit(")", 1)[1].split()  # fields 3 onwards
+        values[int(tid)] = int(after_name[19 - 3])
+    return values
 
 
 def run_client(load: Coroutine[Any, Any, dict[str, Any]], nice: int) -> dict[str, Any]:
