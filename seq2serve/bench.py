@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -541,43 +542,27 @@ def client_nice(pid: int) -> int:
     (the HTTP-bound default model), nice 5 raised its time to first token p50 from 4.8 to
     6.0 ms, so it stays at the loop's."""
     try:
-        nice = _thread_nice_values(pid)
-    except (OSError, ValueError, IndexError):  # no such process, a thread gone, not Linux
+        nice = {
+            int(tid): os.getpriority(os.PRIO_PROCESS, int(tid))
+            for tid in os.listdir(f"/proc/{pid}/task")
+        }
+    except OSError:  # no such process, a thread gone, not Linux
         return 0
     loop = nice.get(pid, 0)
     return loop + max(0, max(nice.values(), default=loop) - loop) // 2
-
-
-def _thread_nice_values(pid: int) -> dict[int, int]:
-    """Each thread's nice value, by thread id (field 19 of ``/proc/PID/task/TID/stat``)."""
-    values = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        after_name = stat.rsplit(")", 1)[1].split()  # fields 3 onwards
-        values[int(tid)] = int(after_name[19 - 3])
-    return values
 
 
 def run_client(load: Coroutine[Any, Any, dict[str, Any]], nice: int) -> dict[str, Any]:
     """Run ``load`` (a ``_load``) to its end on a thread of its own at ``nice`` (see
     ``client_nice``; the caller's own priority stays as it is: lowering a nice value back
     needs privilege)."""
-    out: dict[str, Any] = {}
 
-    def run() -> None:
+    def run() -> dict[str, Any]:
         lower_priority((threading.get_native_id(),), nice)
-        try:
-            out["run"] = asyncio.run(load)
-        except BaseException as err:  # handed to the caller's thread
-            out["error"] = err
+        return asyncio.run(load)
 
-    thread = threading.Thread(target=run, name="seq2serve-bench-client")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    result: dict[str, Any] = out["run"]
-    return result
+    with ThreadPoolExecutor(1, thread_name_prefix="seq2serve-bench-client") as pool:
+        return pool.submit(run).result()
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
