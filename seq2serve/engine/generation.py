@@ -302,16 +302,13 @@ class DecodeBatch:
         )
         events = self._choose_next(seqs, out.logits[:, -1])
         keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
-        if len(keep) == n:  # every joiner goes on: their arrays as they are, not copies
-            self.add_encoded(seqs, cross, enc_mask, first=out.present)
-        elif keep:
+        first = out.present
+        if len(keep) < n:  # some finished at their first token: the others' rows only
             index = np.asarray(keep, np.int64)
-            self.add_encoded(
-                [seqs[i] for i in keep],
-                [c[index] for c in cross],
-                enc_mask[index],
-                first=[p[index] for p in out.present],
-            )
+            seqs, enc_mask = [seqs[i] for i in keep], enc_mask[index]
+            cross, first = [c[index] for c in cross], [p[index] for p in first]
+        if keep:  # when every joiner goes on, their arrays as they are, not copies
+            self.add_encoded(seqs, cross, enc_mask, first=first)
         return events
 
     def add_encoded(
