@@ -24,6 +24,7 @@ from seq2serve.engine.generation import (
     REUSE_STEPS,
     DecodeBatch,
     SamplingParams,
+    Sequence,
     beam_search,
     log_softmax,
     pad_rows,
@@ -187,6 +188,29 @@ def test_cancel_frees_the_row_and_spares_the_others(engine):
     while len(batch):
         batch.step()
     assert keep.generated == expected
+
+
+def test_rows_behind_a_freed_slot_keep_their_tokens_logprobs_and_samples(engine):
+    """A step reads each live row's logits at its own slot, with a free slot ahead of it:
+    greedy tokens and their log-probabilities, and a seeded sample, equal alone."""
+    backend, tok = engine
+    greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=10, do_sample=True, seed=7, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    cases = [(SOURCES[1], short), (SOURCES[0], greedy), (SOURCES[2], sampled)]
+
+    def run(rows: list[tuple[str, SamplingParams]]) -> list[Sequence]:
+        batch = DecodeBatch(backend, tok)
+        return run_to_completion(
+            batch, [batch.new_sequence(source_ids(tok, t), p) for t, p in rows]
+        )
+
+    together = run(cases)
+    assert len(together[0].generated) == 2  # slot 0 is free for the last 8 steps
+    for seq, case in zip(together[1:], cases[1:], strict=True):
+        (want,) = run([case])
+        assert seq.generated == want.generated
+        np.testing.assert_allclose(seq.logprobs, want.logprobs, atol=1e-5)
 
 
 def test_sampling_is_seeded(engine):

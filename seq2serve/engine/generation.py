@@ -519,7 +519,7 @@ class DecodeBatch:
             logits = out.logits[:, -1]  # (B, V)
         self._steps += 1
         rows = self.rows
-        events = self._choose_next(rows, logits if len(live) == b else logits[live])
+        events = self._choose_next(rows, logits, live)
         self.remove({s.id for s in rows if s.finish_reason is not None})
         if not len(self):  # an idle batch holds no cache
             self.compact()
@@ -547,17 +547,27 @@ class DecodeBatch:
         self.next_column = (column + 1) % self.dec_mask.shape[1]
         return logits[:, -1]
 
-    def _choose_next(self, seqs: list[Sequence], logits: np.ndarray) -> list[TokenEvent]:
-        """Each sequence's next token from its logits row (B, V), and its event."""
+    def _choose_next(
+        self, seqs: list[Sequence], logits: np.ndarray, rows: list[int] | None = None
+    ) -> list[TokenEvent]:
+        """Each sequence's next token from its row of ``logits`` (B, V), and its event.
+        ``rows``: the row of each sequence (None: the k-th sequence's is the k-th).
+
+        A step's free slots keep their rows in ``logits``, and their logits are taken
+        through the log-softmax and argmax with the others: picking the live rows out first
+        copied (B - 1, V) floats into a new mapping each step (``memory.map_large_blocks``),
+        and a batch-16 step with one free slot took 7.7 ms against 6.0 ms with none
+        (opus-mt-sized int8). A free slot's row may be NaN; rows are independent."""
         logprobs = self.log_softmax(logits)  # (B, V)
         greedy = np.argmax(logits, axis=-1)
         events = []
         for k, seq in enumerate(seqs):
             p = seq.params
             plain = not p.sampling and p.repetition_penalty == 1.0
+            r = k if rows is None else rows[k]
             try:
-                token = int(greedy[k]) if plain else choose(logits[k], seq)
-                events.append(self._advance(seq, token, float(logprobs[k, token])))
+                token = int(greedy[r]) if plain else choose(logits[r], seq)
+                events.append(self._advance(seq, token, float(logprobs[r, token])))
             except Exception as err:  # one sequence's failure must not end its batch-mates'
                 seq.finish_reason = FINISH_ERROR
                 events.append(TokenEvent(seq.id, -1, "", 0.0, False, FINISH_ERROR, error=str(err)))
