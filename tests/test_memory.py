@@ -1,5 +1,5 @@
-"""What the serving process keeps resident: the lookup tables' rows that traffic uses, and
-large blocks handed back to the system when freed."""
+"""What the serving process keeps resident: the lookup tables' rows that traffic uses, large
+blocks handed back to the system when freed, and cache buffers that arrive in memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from seq2serve.engine import memory
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import SamplingParams
 from seq2serve.engine.runtime import OnnxBackend
@@ -110,3 +112,56 @@ def test_large_blocks_go_back_to_the_system_when_freed():
     if kept_kb("default") < 1024:
         pytest.skip("this allocator hands the blocks back by itself")
     assert kept_kb("mapped") < 1024
+
+
+def _present(mode: str) -> float:
+    """The share of an array's pages in memory right after it is made, in a fresh process
+    (where a large array is a mapping of its own: no heap a library left behind)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from seq2serve.engine import memory
+
+        memory.map_large_blocks()
+        if sys.argv[1] == "fallback":
+            memory._madvise = None  # as where the kernel cannot populate
+        shape = (64, 8, 128, 64)  # (B, H, C, D) fp32: 16 MB
+        make = np.zeros if sys.argv[1] == "np" else memory.zeros
+        array = make(shape, np.float32)
+        first, last = array.ctypes.data // 4096, (array.ctypes.data + array.nbytes) // 4096
+        with open("/proc/self/pagemap", "rb") as pagemap:  # 8 bytes a page; bit 63: present
+            pagemap.seek(8 * first)
+            entries = np.frombuffer(pagemap.read(8 * (last - first)), np.uint64)
+        # Read after the pages are counted: reading maps the shared zero page.
+        assert array.shape == shape and array.dtype == np.float32 and not array.any()
+        print(float((entries >> np.uint64(63)).mean()))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split()[-1])
+
+
+def test_zeros_arrive_in_memory():
+    """``np.zeros`` of 16 MB is a mapping whose pages come as they are touched;
+    ``memory.zeros`` has every page in memory, whether the kernel populates them or each is
+    written, and holds zeros."""
+    assert _present("np") < 0.01
+    assert _present("kernel") == 1.0
+    assert _present("fallback") == 1.0
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["madvise", "one write a page"])
+def test_populating_keeps_what_an_array_holds(kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(memory, "_madvise", None)
+    array = np.arange(3 << 20, dtype=np.float32)[1:]  # 12 MB, not page-aligned
+    memory.populate(array)
+    np.testing.assert_array_equal(array, np.arange(1, 3 << 20, dtype=np.float32))
+
+
+def test_small_zeros_are_plain_zeros():
+    small = memory.zeros((3, 5), np.int64)
+    assert small.shape == (3, 5) and small.dtype == np.int64 and not small.any()

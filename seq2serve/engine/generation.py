@@ -46,6 +46,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from seq2serve.config import ModelConfig
+from seq2serve.engine import memory
 from seq2serve.engine.runtime import (
     Backend,
     OnnxBackend,
@@ -451,8 +452,9 @@ class DecodeBatch:
             return new
 
         self._binding = None  # it holds the old buffers
+        h, d = self.config.n_heads, self.config.head_dim
         self.past = [
-            oldest_first(old, np.zeros((total, old.shape[1], capacity, old.shape[3]), np.float32))
+            oldest_first(old, memory.zeros((total, h, capacity, d), np.float32))
             for old in self.past
         ]
         mask = np.zeros((total, capacity), np.int64)

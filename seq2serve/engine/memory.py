@@ -14,12 +14,20 @@ logits array comes from malloc, and glibc's defaults keep what a server frees:
   ``release_free_memory`` hands it back when the engine goes idle.
 
 Elsewhere (not glibc) both do nothing.
+
+A new mapping's pages come one fault at a time, when first touched. ``zeros`` makes the
+arrays a decode step reads and writes in place with every page already there (see there).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import sys
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 # large blocks, its logits, come from the step graph's arena: ``bundle.session_options``.)
 LARGE_BLOCK = 256 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MADV_POPULATE_WRITE = 23  # madvise's advice number (Linux 5.14 and later)
+PAGE = 4096
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -57,3 +67,57 @@ def release_free_memory() -> None:
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(ctypes.c_size_t(0))
+
+
+def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``np.zeros`` whose pages are all in memory, each written once, before it is used.
+
+    ``np.zeros`` of a large array is a new mapping whose pages come lazily: the first read
+    of a page maps the kernel's shared zero page, the first write then copies it. A cache
+    ring that onnxruntime reads whole every step and writes a column at a time took those
+    two faults per page inside the step, where both compute threads wait on whichever
+    faults (opus-mt-sized int8, batch 16: the 15 steps after the ring grew to 65 columns
+    ran 6.4 ms against 4.1 ms for the steps after them). Populated up front, in one call
+    where the kernel allows it: in-process batch-16 decoding 2,471-2,571 -> 2,607-2,886
+    tokens/s (six alternating runs), 16 HTTP streams started together 2,256 -> 2,399, the
+    server's resident memory under 16 streams unchanged (259-261 MB). A ring's columns not
+    yet written are resident from the start, where the zero page stood for them before.
+    """
+    array = np.zeros(shape, dtype)
+    if array.nbytes >= LARGE_BLOCK:
+        populate(array)
+    return array
+
+
+def populate(array: np.ndarray) -> None:
+    """Bring every page of ``array`` (C-contiguous) into memory now, writable, its contents
+    unchanged: ``madvise(MADV_POPULATE_WRITE)`` over the whole pages it spans, or, where the
+    kernel lacks it (before Linux 5.14, or not Linux), one write of each page."""
+    if not array.flags.c_contiguous:
+        raise ValueError("populate needs a C-contiguous array")
+    start = array.ctypes.data
+    first = (start + PAGE - 1) // PAGE * PAGE
+    last = (start + array.nbytes) // PAGE * PAGE
+    if last > first and _madvise is not None:
+        if _madvise(first, last - first, MADV_POPULATE_WRITE) == 0:
+            return
+        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS):
+            return  # out of memory now: the pages will come as they are touched
+    pages = array.reshape(-1).view(np.uint8)[::PAGE]
+    np.add(pages, 0, out=pages)  # a ufunc writes (numpy skips assigning an array to itself)
+
+
+def _madvise_function() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _madvise_function()

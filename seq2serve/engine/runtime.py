@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from seq2serve import contract
 from seq2serve.config import ModelConfig
+from seq2serve.engine import memory
 from seq2serve.engine.bundle import Bundle, session_options
 
 
@@ -66,7 +67,7 @@ def cache_buffers(past: list[np.ndarray], rows: int, capacity: int) -> list[np.n
     into their leading rows and columns; the rest zero (free slots, columns to come)."""
     buffers = []
     for old in past:
-        buffer = np.zeros((rows, old.shape[1], capacity, old.shape[3]), np.float32)
+        buffer = memory.zeros((rows, old.shape[1], capacity, old.shape[3]), np.float32)
         buffer[: old.shape[0], :, : old.shape[2]] = old
         buffers.append(buffer)
     return buffers
@@ -203,7 +204,7 @@ class StepBinding:
         self.decoder_attention_mask = np.zeros(mask_shape, np.int64)
         self.write_indices = np.zeros(b, np.int64)
         self.exact_logits = np.zeros((), np.bool_)  # bound when the head is screened
-        self.logits: np.ndarray = np.empty((b, 1, backend.config.vocab_size), np.float32)
+        self.logits = memory.zeros((b, 1, backend.config.vocab_size), np.float32)
         given = [encoder_attention_mask, *cross]
         self._held = [np.ascontiguousarray(encoder_attention_mask, np.int64)]
         self._held += [np.ascontiguousarray(c, np.float32) for c in cross]
