@@ -119,6 +119,8 @@ def _present(mode: str) -> float:
     (where a large array is a mapping of its own: no heap a library left behind)."""
     script = textwrap.dedent(
         """
+        import ctypes
+        import errno
         import sys
         import numpy as np
         from seq2serve.engine import memory
@@ -126,6 +128,13 @@ def _present(mode: str) -> float:
         memory.map_large_blocks()
         if sys.argv[1] == "fallback":
             memory._madvise = None  # as where the kernel cannot populate
+        elif sys.argv[1] == "refused":  # as a sandbox that forbids the call
+
+            def refuse(start, length, advice):
+                ctypes.set_errno(errno.EPERM)
+                return -1
+
+            memory._madvise = refuse
         shape = (64, 8, 128, 64)  # (B, H, C, D) fp32: 16 MB
         make = np.zeros if sys.argv[1] == "np" else memory.zeros
         array = make(shape, np.float32)
@@ -147,10 +156,11 @@ def _present(mode: str) -> float:
 def test_zeros_arrive_in_memory():
     """``np.zeros`` of 16 MB is a mapping whose pages come as they are touched;
     ``memory.zeros`` has every page in memory, whether the kernel populates them or each is
-    written, and holds zeros."""
+    written (a kernel without the call, or one that refuses it), and holds zeros."""
     assert _present("np") < 0.01
     assert _present("kernel") == 1.0
     assert _present("fallback") == 1.0
+    assert _present("refused") == 1.0
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["madvise", "one write a page"])

@@ -92,7 +92,8 @@ def zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 def populate(array: np.ndarray) -> None:
     """Bring every page of ``array`` (C-contiguous) into memory now, writable, its contents
     unchanged: ``madvise(MADV_POPULATE_WRITE)`` over the whole pages it spans, or, where the
-    kernel lacks it (before Linux 5.14, or not Linux), one write of each page."""
+    kernel lacks it or refuses it (before Linux 5.14, a sandbox, not Linux), one write of
+    each page."""
     if not array.flags.c_contiguous:
         raise ValueError("populate needs a C-contiguous array")
     start = array.ctypes.data
@@ -101,7 +102,7 @@ def populate(array: np.ndarray) -> None:
     if last > first and _madvise is not None:
         if _madvise(first, last - first, MADV_POPULATE_WRITE) == 0:
             return
-        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS):
+        if ctypes.get_errno() == errno.ENOMEM:
             return  # out of memory now: the pages will come as they are touched
     pages = array.reshape(-1).view(np.uint8)[::PAGE]
     np.add(pages, 0, out=pages)  # a ufunc writes (numpy skips assigning an array to itself)
