@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import sys
 from typing import Any
 
 import numpy as np
@@ -44,12 +43,23 @@ PAGE = 4096
 
 def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:  # not glibc
         return None
 
 
 _LIBC = _libc()
+
+
+def _madvise_function() -> Any:
+    madvise = getattr(_LIBC, "madvise", None)
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _madvise_function()
 
 
 def map_large_blocks() -> None:
@@ -106,19 +116,3 @@ def populate(array: np.ndarray) -> None:
             return  # out of memory now: the pages will come as they are touched
     pages = array.reshape(-1).view(np.uint8)[::PAGE]
     np.add(pages, 0, out=pages)  # a ufunc writes (numpy skips assigning an array to itself)
-
-
-def _madvise_function() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _madvise_function()
