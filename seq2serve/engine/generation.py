@@ -301,7 +301,7 @@ class DecodeBatch:
             cross,
             exact_logits=any(s.params.exact_logits for s in seqs),
         )
-        events = self._choose_next(seqs, out.logits[:, -1])
+        events = self._choose_next(seqs, out.logits[:, -1], list(range(len(seqs))))
         keep = [i for i, s in enumerate(seqs) if s.finish_reason is None]
         first = out.present
         if len(keep) < n:  # some finished at their first token: the others' rows only
@@ -550,10 +550,10 @@ class DecodeBatch:
         return logits[:, -1]
 
     def _choose_next(
-        self, seqs: list[Sequence], logits: np.ndarray, rows: list[int] | None = None
+        self, seqs: list[Sequence], logits: np.ndarray, rows: list[int]
     ) -> list[TokenEvent]:
         """Each sequence's next token from its row of ``logits`` (B, V), and its event.
-        ``rows``: the row of each sequence (None: the k-th sequence's is the k-th).
+        ``rows``: the row of each sequence.
 
         A step's free slots keep their rows in ``logits``, and their logits are taken
         through the log-softmax and argmax with the others: picking the live rows out first
@@ -563,10 +563,9 @@ class DecodeBatch:
         logprobs = self.log_softmax(logits)  # (B, V)
         greedy = np.argmax(logits, axis=-1)
         events = []
-        for k, seq in enumerate(seqs):
+        for seq, r in zip(seqs, rows, strict=True):
             p = seq.params
             plain = not p.sampling and p.repetition_penalty == 1.0
-            r = k if rows is None else rows[k]
             try:
                 token = int(greedy[r]) if plain else choose(logits[r], seq)
                 events.append(self._advance(seq, token, float(logprobs[r, token])))
