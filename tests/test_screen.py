@@ -10,10 +10,11 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from seq2serve import contract
-from seq2serve.engine.bundle import load_bundle
+from seq2serve.engine.bundle import load_bundle, session_options
 from seq2serve.engine.generation import (
     DecodeBatch,
     SamplingParams,
@@ -73,6 +74,20 @@ def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundl
     # integer products)
     largest = largest_int8(screened / contract.DECODER_STEP_FILE, screen.PREFIX + "weight")
     assert largest == quantize.SATURATION_FREE_WEIGHT
+
+
+def test_the_screened_step_graph_loads_without_onnxruntime_warnings(bundles, capfd):
+    # The warning a server would print at every start (the Slice elimination rule's, for a
+    # Slice whose output a subgraph reads) is written by onnxruntime to the stderr stream.
+    screened, _ = bundles
+    options = session_options(threads=None)  # the server's: every graph optimization
+    options.log_severity_level = 2  # warnings and errors
+    capfd.readouterr()
+    ort.InferenceSession(
+        str(screened / contract.DECODER_STEP_FILE), options, providers=["CPUExecutionProvider"]
+    )
+    err = capfd.readouterr().err
+    assert "[W:onnxruntime" not in err and "[E:onnxruntime" not in err, err
 
 
 @pytest.mark.parametrize("rows", [1, 5])

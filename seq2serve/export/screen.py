@@ -212,6 +212,9 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
         helper.make_node("ReduceMax", [p + "openz"], [p + "anyopen"], keepdims=0),
         helper.make_node("Cast", [p + "anyopen"], [p + "uncertified"], to=TensorProto.BOOL),
         helper.make_node("Or", [p + "uncertified", contract.EXACT_LOGITS], [p + "full"]),
+        # Out here, not in the branch: a Slice's output that a subgraph reads makes each of
+        # onnxruntime's Slice-removal passes print a warning at every session start.
+        helper.make_node("Equal", [p + "batch", p + "one"], [p + "single"]),
         helper.make_node(
             "If",
             [p + "full"],
@@ -219,7 +222,6 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
             then_branch=helper.make_graph(
                 [
                     helper.make_node("Reshape", [hidden, p + "rows_by_channels"], [p + "h2"]),
-                    helper.make_node("Equal", [p + "batch", p + "one"], [p + "single"]),
                     # The table is an outer-scope value here, so no kernel packs a copy of
                     # it: one row reads it as stored (E h) at the packed head's speed; more
                     # rows go faster as (E h^T)^T (2.5 against 3.7 ms, and 3.8 against
