@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +276,20 @@ def test_export_is_reproducible_and_atomic(tiny_checkpoint, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert torch.__version__  # the exporter's own version is recorded
     assert "exporter" in json.loads((out / contract.MANIFEST_FILE).read_text())
+
+
+def test_the_export_command_prints_its_progress_and_no_library_advice(tiny_checkpoint, tmp_path):
+    # In a process of its own: the exporter's registry speaks once a process, at its first
+    # export, which an earlier test in this one may have made.
+    out = tmp_path / "b"
+    command = [sys.executable, "-m", "seq2serve.cli", "export", str(tiny_checkpoint)]
+    command += ["--out", str(out), "--quantize", "int8", "--screen-head", "on"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "quantizing to int8" in lines and any("screening" in line for line in lines)
+    assert not [line for line in lines if "torchvision" in line or "pre-processing" in line]
+    assert (out / contract.onnx_file(contract.DECODER_STEP_FILE, True)).is_file()
 
 
 def test_int8_bundle_quantizes_the_tied_head_and_stores_the_table_once(tiny_bundle):

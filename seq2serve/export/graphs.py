@@ -18,6 +18,7 @@ from torch.export import Dim
 
 from seq2serve import contract
 from seq2serve.config import ModelConfig
+from seq2serve.export import dropping
 from seq2serve.model.cache import KV, KVCache
 from seq2serve.model.transformer import Transformer
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 23
 STEP_OPSET = 24  # TensorScatter, the in-place cache write of decoder_step.onnx
+TORCH_REGISTRY = "torch.onnx._internal.exporter._registration"
 
 
 class EncoderGraph(nn.Module):
@@ -135,7 +137,9 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
         ),
     ]
     for module, args, dims, inputs, outputs, file in jobs:
-        with torch.no_grad(), warnings.catch_warnings():
+        # The exporter's registry announces each torchvision operator it skips (8 lines an
+        # export): these graphs have none.
+        with torch.no_grad(), warnings.catch_warnings(), dropping(TORCH_REGISTRY, "torchvision"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from seq2serve.export import dropping
+
 # The largest weight magnitude that no x86 int8 kernel saturates on (see above).
 SATURATION_FREE_WEIGHT = 64
 
@@ -76,14 +78,19 @@ def quantize_int8(src: Path, dst: Path) -> None:
     expose_transposed_weights(model)
     exposed = src.with_name(src.stem + ".exposed.onnx")
     onnx.save_model(model, str(exposed))
-    quantize_dynamic(
-        exposed,
-        dst,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        reduce_range=True,  # 7-bit weights: -64..64, SATURATION_FREE_WEIGHT
-    )
+    # It advises its pre-processing (shape inference and graph optimization, after its
+    # image-classification example) on the root logger at every call. The exporter's
+    # graphs carry their shapes, onnxruntime optimizes them when a session opens, and the
+    # int8 graphs' agreement with fp32 is tested: the advice is dropped, not the checks.
+    with dropping("", "Please consider"):
+        quantize_dynamic(
+            exposed,
+            dst,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=True,  # 7-bit weights: -64..64, SATURATION_FREE_WEIGHT
+        )
     exposed.unlink()
 
 
