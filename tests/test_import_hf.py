@@ -4,8 +4,10 @@ logits (PyTorch and ONNX), greedy generation through the serving engine, tokeniz
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from seq2serve.engine.generation import (  # noqa: E402
 from seq2serve.engine.runtime import OnnxBackend  # noqa: E402
 from seq2serve.export.bundle import export_bundle  # noqa: E402
 from seq2serve.hf.convert import UnsupportedModel, config_from_hf, import_hf  # noqa: E402
+from seq2serve.hf.tokenizer import load_hf_tokenizer  # noqa: E402
 from seq2serve.model.checkpoint import load_model  # noqa: E402
 
 WORDS = {  # words per language, space-separated
@@ -399,6 +402,18 @@ def test_untied_head_and_bad_dirs_are_refused(tmp_path, capsys) -> None:
     assert cli_main(["import-hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 1
     assert "normalize_before" in capsys.readouterr().err
     assert cli_main(["import-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_a_marian_tokenizer_loads_without_the_sacremoses_advice(tmp_path) -> None:
+    if importlib.util.find_spec("sacremoses") is not None:
+        pytest.skip("sacremoses is installed: MarianTokenizer has no advice to give")
+    hf_dir = build_marian(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_hf_tokenizer(hf_dir)
+        transformers.AutoTokenizer.from_pretrained(str(hf_dir))  # the advice, unfiltered
+    advice = [w for w in caught if "sacremoses" in str(w.message)]
+    assert len(advice) == 1  # transformers' own call gives it; the import's does not
 
 
 def test_the_reference_workload_builds_imports_and_exports(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 VOCAB_SIZE = 58101  # opus-mt-en-de's
 SEED = 0
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("seq2serve.hf.reference")  # the same name when run with -m
 
 
 def _phrases(n: int, seed: int) -> list[str]:
@@ -98,11 +98,14 @@ def marian_config(
     greedy, nothing forced, as seq2serve's engine decodes."""
     import transformers
 
+    from seq2serve.hf.tokenizer import without_sacremoses_advice
+
     vocab = {p: i for i, p in enumerate([*pieces, "<pad>"])}
     (work / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    transformers.MarianTokenizer(
-        str(work / "source.model"), str(work / "target.model"), str(work / "vocab.json")
-    ).save_pretrained(str(hf))
+    with without_sacremoses_advice():
+        transformers.MarianTokenizer(
+            str(work / "source.model"), str(work / "target.model"), str(work / "vocab.json")
+        ).save_pretrained(str(hf))
     pad = vocab["<pad>"]
     return transformers.MarianConfig(
         vocab_size=len(vocab),
@@ -143,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to build into")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # As the console script logs: its own progress, the libraries' warnings only (at INFO,
+    # onnxscript's optimizer reports each pass, about 100 lines an export).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("seq2serve").setLevel(logging.INFO)
     print(build(args.out))
 
 

@@ -37,6 +37,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,17 @@ SPM_NORMAL, SPM_USER_DEFINED, SPM_BYTE = 1, 4, 6
 SPM_UNIGRAM = 1
 
 
+@contextmanager
+def without_sacremoses_advice() -> Iterator[None]:
+    """``MarianTokenizer`` warns "Recommended: pip install sacremoses." when it cannot build
+    Moses' punctuation normalizer. Only its ``normalize`` helper uses that normalizer; its
+    tokenization never does, so the conversion matches it either way, and the advice, printed
+    by every import, would only send users after a package that changes nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+        yield
+
+
 class TokenizerImportError(ValueError):
     """A Hugging Face tokenizer that cannot be converted exactly; the message names why."""
 
@@ -66,7 +80,8 @@ def load_hf_tokenizer(hf_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(hf_dir))
+        with without_sacremoses_advice():
+            return AutoTokenizer.from_pretrained(str(hf_dir))
     except (OSError, ValueError, TypeError) as err:
         raise TokenizerImportError(f"{hf_dir}: cannot load its tokenizer ({err})") from err
 
