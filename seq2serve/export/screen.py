@@ -212,8 +212,8 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
         helper.make_node("ReduceMax", [p + "openz"], [p + "anyopen"], keepdims=0),
         helper.make_node("Cast", [p + "anyopen"], [p + "uncertified"], to=TensorProto.BOOL),
         helper.make_node("Or", [p + "uncertified", contract.EXACT_LOGITS], [p + "full"]),
-        # Out here, not in the branch: a Slice's output that a subgraph reads makes each of
-        # onnxruntime's Slice-removal passes print a warning at every session start.
+        # Out here, not in the branch: onnxruntime's Slice elimination warns, at every session
+        # start, about a Slice whose output a subgraph reads (it may not rename it there).
         helper.make_node("Equal", [p + "batch", p + "one"], [p + "single"]),
         helper.make_node(
             "If",
