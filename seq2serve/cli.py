@@ -234,13 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_logging(level: str = "INFO") -> None:
+    """Plain lines on stderr for a command's progress. Libraries (onnxruntime's quantizer,
+    onnxscript's optimizer) log chatty INFO lines on the root logger: they get WARNING,
+    seq2serve's own progress ``level``."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("seq2serve").setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "serve":  # the server configures its own JSON logging from its settings
-        # Libraries (onnxruntime's quantizer among them) log chatty INFO lines on the root
-        # logger: they get WARNING, seq2serve's own progress INFO.
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        logging.getLogger("seq2serve").setLevel((args.log_level or "INFO").upper())
+        console_logging(args.log_level or "INFO")
     return int(args.run(args))
 
 

@@ -16,7 +16,7 @@ def dropping(logger: str, *starts: str) -> Iterator[None]:
     def keep(record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(starts)
 
-    target = logging.getLogger(logger or None)
+    target = logging.getLogger(logger)
     target.addFilter(keep)
     try:
         yield

@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to build into")
     args = parser.parse_args(argv)
-    # As the console script logs: its own progress, the libraries' warnings only (at INFO,
-    # onnxscript's optimizer reports each pass, about 100 lines an export).
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("seq2serve").setLevel(logging.INFO)
+    from seq2serve.cli import console_logging
+
+    console_logging()  # as the console script logs (onnxscript's INFO: 100 lines an export)
     print(build(args.out))
 
 
