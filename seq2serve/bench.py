@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -587,22 +587,35 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+class Resident(NamedTuple):
+    """One sample of a process's resident memory, MB: the whole, and its anonymous pages
+    (heap, arrays, caches) and file pages (the libraries' and bundle's mapped files, which
+    the kernel can drop and read back) apart (``/proc/PID/status``: VmRSS is RssAnon +
+    RssFile + RssShmem; shared memory counts with the files)."""
+
+    rss: float
+    anonymous: float
+    files: float
+
+
 class ResidentMemory:
-    """Samples a process's resident memory (VmRSS) from /proc every ``interval`` seconds."""
+    """Samples a process's resident memory from /proc every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.pid = pid
         self.interval = interval
-        self.samples: list[float] = []
+        self.samples: list[Resident] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.samples.append(status_mb(proc_status(self.pid), "VmRSS"))
+                fields = proc_status(self.pid)
             except OSError:
                 return
+            rss, anonymous = status_mb(fields, "VmRSS"), status_mb(fields, "RssAnon")
+            self.samples.append(Resident(rss, anonymous, rss - anonymous))
 
     def __enter__(self) -> ResidentMemory:
         self._thread.start()
@@ -612,13 +625,19 @@ class ResidentMemory:
         self._stop.set()
         self._thread.join()
 
-    def figures(self) -> dict[str, float]:
-        if not self.samples:
-            return {}
-        return {
-            "rss_mb_median": round(statistics.median(self.samples), 1),
-            "rss_mb_max": round(max(self.samples), 1),
-        }
+
+def memory_figures(samples: list[Resident]) -> dict[str, float]:
+    """The median and peak resident memory of ``samples``, and the peak's anonymous and file
+    pages."""
+    if not samples:
+        return {}
+    peak = max(samples, key=lambda r: r.rss)
+    return {
+        "rss_mb_median": round(statistics.median(r.rss for r in samples), 1),
+        "rss_mb_max": round(peak.rss, 1),
+        "rss_anon_mb_at_max": round(peak.anonymous, 1),
+        "rss_file_mb_at_max": round(peak.files, 1),
+    }
 
 
 def serving_texts(tokenizer: Any, cfg: ModelConfig, n: int, length: int) -> list[str]:
@@ -766,7 +785,7 @@ def bench_serving(
     alone: list[float] = []
     batches: list[dict[str, float]] = []
     limits = EngineLimits(max_batch_size=max(32, clients), max_queue=4096)
-    memory: list[float] = []
+    memory: list[Resident] = []
     # The single stream's baseline: half the requests before it, half after (one: before and after).
     half = slice(0, max(1, len(texts) // 2)), slice(len(texts) // 2, None)
     proc, url = start_server(cfg.model, env)
@@ -822,9 +841,7 @@ def bench_serving(
             (_tokens_per_s(h), _tokens_per_s(e)) for (h, _), e in zip(many, alike, strict=True)
         ),
     }
-    if memory:
-        result["http_n"]["rss_mb_median"] = round(statistics.median(memory), 1)
-        result["http_n"]["rss_mb_max"] = round(max(memory), 1)
+    result["http_n"].update(memory_figures(memory))
     del backend, bundle, engine
     gc.collect()
     stagger = cfg.new_tokens * figures["batch_step_ms"] / 1000 / clients
@@ -875,11 +892,10 @@ def bench_ct2_server(
             many = run_client(_load(url, texts, clients, seconds, cfg.new_tokens, stagger), nice)
     finally:
         stop_server(proc)
-    result = {"http_1": summarize([one]), "http_n": summarize([many])}
-    if sampler.samples:
-        result["http_n"]["rss_mb_median"] = round(statistics.median(sampler.samples), 1)
-        result["http_n"]["rss_mb_max"] = round(max(sampler.samples), 1)
-    return result
+    return {
+        "http_1": summarize([one]),
+        "http_n": {**summarize([many]), **memory_figures(sampler.samples)},
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -1069,6 +1085,18 @@ def _load_cells(load: dict[str, Any], bound: str) -> str:
     )
 
 
+def _split(ours: dict[str, Any], peer: dict[str, Any]) -> str:
+    """The two peaks' anonymous and file pages, where both servers' samples have them."""
+    keys = ("rss_anon_mb_at_max", "rss_file_mb_at_max")
+    if not all(k in ours and k in peer for k in keys):
+        return ""
+    anonymous, files = ((ours[k], peer[k]) for k in keys)
+    return (
+        f" (anonymous {anonymous[0]:.0f} vs {anonymous[1]:.0f}, "
+        f"mapped files {files[0]:.0f} vs {files[1]:.0f})"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     decode, floor = results["decode"], results["floor"]
     batch_sizes = [str(b) for b in results["config"]["batch_sizes"]]
@@ -1164,7 +1192,7 @@ def table(results: dict[str, Any]) -> str:
                     f"({hn['tokens_per_s'] / max(cn['tokens_per_s'], 1e-9):.1f}x), "
                     f"p95 TTFT {hn['ttft_ms_p95']:.0f} vs {cn['ttft_ms_p95']:.0f} ms, "
                     f"{hn.get('rss_mb_max', float('nan')):.0f} vs "
-                    f"{cn.get('rss_mb_max', float('nan')):.0f} MB"
+                    f"{cn.get('rss_mb_max', float('nan')):.0f} MB at the peak" + _split(hn, cn)
                 )
         for name, s in serving.items():
             lines.append(

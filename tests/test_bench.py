@@ -13,6 +13,7 @@ import threading
 import time
 import types
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -259,3 +260,34 @@ def test_a_load_runs_on_a_thread_of_its_own_at_the_nice_value_asked_for():
 
     with pytest.raises(ConnectionRefusedError):
         bench.run_client(failing(), 0)
+
+
+def test_resident_memory_counts_new_arrays_as_anonymous_pages_and_libraries_as_files():
+    """The server's memory row is told apart: what it allocates (anonymous pages) and what it
+    maps from files (its libraries' code). 64 MB written during the samples show up whole on
+    the anonymous side and not on the files' side."""
+    with bench.ResidentMemory(os.getpid(), interval=0.01) as sampler:
+        time.sleep(0.1)
+        before = sampler.samples[-1]
+        array = np.ones(64 * 2**20 // 8)  # every page written
+        time.sleep(0.1)
+    figures = bench.memory_figures(sampler.samples)
+    assert array.sum() > 0
+    assert figures["rss_anon_mb_at_max"] - before.anonymous > 60
+    assert abs(figures["rss_file_mb_at_max"] - before.files) < 8
+    assert before.files > 5  # libpython, numpy and onnxruntime's code, at least
+
+
+def test_the_memory_figures_split_the_peak_sample_not_the_largest_parts():
+    samples = [
+        bench.Resident(100, 90, 10),
+        bench.Resident(120, 70, 50),
+        bench.Resident(110, 95, 15),
+    ]
+    assert bench.memory_figures(samples) == {
+        "rss_mb_median": 110,
+        "rss_mb_max": 120,
+        "rss_anon_mb_at_max": 70,
+        "rss_file_mb_at_max": 50,
+    }
+    assert bench.memory_figures([]) == {}
