@@ -589,13 +589,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 class Resident(NamedTuple):
     """One sample of a process's resident memory, MB: the whole, and its anonymous pages
-    (heap, arrays, caches) and file pages (the libraries' and bundle's mapped files, which
-    the kernel can drop and read back) apart (``/proc/PID/status``: VmRSS is RssAnon +
-    RssFile + RssShmem; shared memory counts with the files)."""
+    (heap, arrays, caches) apart."""
 
     rss: float
     anonymous: float
-    files: float
+
+    @property
+    def files(self) -> float:
+        """The rest: the libraries' and bundle's mapped files, which the kernel can drop and
+        read back (``/proc/PID/status``: VmRSS is RssAnon + RssFile + RssShmem; shared
+        memory counts with the files)."""
+        return self.rss - self.anonymous
 
 
 class ResidentMemory:
@@ -614,8 +618,7 @@ class ResidentMemory:
                 fields = proc_status(self.pid)
             except OSError:
                 return
-            rss, anonymous = status_mb(fields, "VmRSS"), status_mb(fields, "RssAnon")
-            self.samples.append(Resident(rss, anonymous, rss - anonymous))
+            self.samples.append(Resident(status_mb(fields, "VmRSS"), status_mb(fields, "RssAnon")))
 
     def __enter__(self) -> ResidentMemory:
         self._thread.start()
@@ -1086,14 +1089,13 @@ def _load_cells(load: dict[str, Any], bound: str) -> str:
 
 
 def _split(ours: dict[str, Any], peer: dict[str, Any]) -> str:
-    """The two peaks' anonymous and file pages, where both servers' samples have them."""
-    keys = ("rss_anon_mb_at_max", "rss_file_mb_at_max")
-    if not all(k in ours and k in peer for k in keys):
+    """The two peaks' anonymous and file pages, where both servers were sampled
+    (``memory_figures`` gives all of its figures or none)."""
+    if "rss_mb_max" not in ours or "rss_mb_max" not in peer:
         return ""
-    anonymous, files = ((ours[k], peer[k]) for k in keys)
     return (
-        f" (anonymous {anonymous[0]:.0f} vs {anonymous[1]:.0f}, "
-        f"mapped files {files[0]:.0f} vs {files[1]:.0f})"
+        f" (anonymous {ours['rss_anon_mb_at_max']:.0f} vs {peer['rss_anon_mb_at_max']:.0f}, "
+        f"mapped files {ours['rss_file_mb_at_max']:.0f} vs {peer['rss_file_mb_at_max']:.0f})"
     )
 
 

@@ -280,9 +280,9 @@ def test_resident_memory_counts_new_arrays_as_anonymous_pages_and_libraries_as_f
 
 def test_the_memory_figures_split_the_peak_sample_not_the_largest_parts():
     samples = [
-        bench.Resident(100, 90, 10),
-        bench.Resident(120, 70, 50),
-        bench.Resident(110, 95, 15),
+        bench.Resident(100, 90),
+        bench.Resident(120, 70),
+        bench.Resident(110, 95),
     ]
     assert bench.memory_figures(samples) == {
         "rss_mb_median": 110,
