@@ -199,7 +199,7 @@ def imported(request, tmp_path_factory) -> dict:
         "ckpt": ckpt,
         "bundle": bundle,
         "hf_model": transformers.AutoModelForSeq2SeqLM.from_pretrained(str(hf_dir)).eval(),
-        "hf_tokenizer": transformers.AutoTokenizer.from_pretrained(str(hf_dir)),
+        "hf_tokenizer": load_hf_tokenizer(hf_dir),
     }
 
 

@@ -77,8 +77,11 @@ def convert_ctranslate2(hf_dir: Path, out: Path, quantization: str | None) -> Pa
     weights (as ``ct2-transformers-converter --quantization int8`` does)."""
     import ctranslate2
 
+    from seq2serve.hf.tokenizer import without_sacremoses_advice
+
     converter = ctranslate2.converters.TransformersConverter(str(hf_dir))
-    converter.convert(str(out), quantization=quantization, force=True)
+    with without_sacremoses_advice():  # the converter loads transformers' MarianTokenizer
+        converter.convert(str(out), quantization=quantization, force=True)
     return out
 
 
