@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,40 @@ def test_lookup_tables_are_mapped_once_and_read_by_every_session(
     monkeypatch.setattr(SharedTables, "add_to", add_zeros)
     after = OnnxBackend(load_bundle(tiny_bundle, quantized=quantized)).encode(ids, mask)
     assert not np.allclose(before, after.last_hidden_state)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cpu_sessions_keep_each_residual_add_and_its_layer_norm_apart(
+    tiny_bundle, quantized, tmp_path, monkeypatch
+):
+    """onnxruntime's full optimization would fuse the encoder's residual Adds and
+    LayerNormalizations into SkipLayerNormalization, whose CPU kernel is the slower one
+    (``bundle.CPU_DISABLED_OPTIMIZERS``): the served encoder runs the two nodes, and the same
+    load without the exclusion shows the fusion it prevents."""
+    from seq2serve.engine import bundle as bundle_module
+
+    made = bundle_module.session_options
+
+    def encoder_ops(name: str) -> Counter[str]:
+        saved = tmp_path / name
+        saved.mkdir()
+
+        def saving(threads, arena=False):
+            options = made(threads, arena)
+            options.optimized_model_filepath = str(saved / f"{len(list(saved.iterdir()))}.onnx")
+            return options
+
+        monkeypatch.setattr(bundle_module, "session_options", saving)
+        load_bundle(tiny_bundle, quantized=quantized)
+        encoder = onnx.load(str(saved / "0.onnx"), load_external_data=False)
+        return Counter(node.op_type for node in encoder.graph.node)
+
+    layers = json.loads((tiny_bundle / contract.CONFIG_FILE).read_text())["n_encoder_layers"]
+    served = encoder_ops("served")
+    assert served["SkipLayerNormalization"] == 0
+    assert served["LayerNormalization"] >= 2 * layers
+    monkeypatch.setattr(bundle_module, "CPU_DISABLED_OPTIMIZERS", ())
+    assert encoder_ops("fused")["SkipLayerNormalization"] >= 1
 
 
 def test_a_lookup_table_outside_the_data_file_is_refused(tiny_bundle, tmp_path):
