@@ -217,8 +217,8 @@ def shared_thread_pool(threads: int | None) -> int:
 
 def session_options(threads: int | None, arena: bool = False) -> ort.SessionOptions:
     """Options of every onnxruntime session of ours: the shared thread pool, full graph
-    optimization, no memory pattern, and no arena unless ``arena`` (``threads`` None: no
-    preference)."""
+    optimization (less ``CPU_DISABLED_OPTIMIZERS`` on the CPU: ``open_session``), no memory
+    pattern, and no arena unless ``arena`` (``threads`` None: no preference)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     shared_thread_pool(threads)
