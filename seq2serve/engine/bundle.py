@@ -248,16 +248,16 @@ def session_options(threads: int | None, arena: bool = False) -> ort.SessionOpti
 # into one SkipLayerNormalization, whose CPU kernel (onnxruntime 1.32) takes about three times
 # as long as the two nodes it replaces: 42 against 14 us over 32 rows of 512, 22 against 8 us
 # over 16. The encoder has two a layer (the decoder graphs' LayerNormalization nodes are not
-# fused). Without it, an opus-mt-sized int8 encoder call over 32 tokens took 6.27 against
-# 6.55 ms for one row and 45.9 against 51.6 ms for 16 (fp32: 11.5 against 11.9, 125.0 against
-# 129.6), on 2 cores. Other providers keep every rewrite: CUDA's fused kernel is its fast path.
+# fused). Without it, an opus-mt-sized int8 encoder call over 32 tokens took 6.18 against
+# 6.57 ms for one row and 36.7 against 43.4 ms for 16 (fp32: 9.02 against 9.44, 123.2 against
+# 131.0), on 2 cores. Other providers keep every rewrite: CUDA's fused kernel is its fast path.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def open_session(
-    model: str | bytes, options: ort.SessionOptions, providers: list[str]
+    model: str, options: ort.SessionOptions, providers: list[str]
 ) -> ort.InferenceSession:
-    """An onnxruntime session of one of our graphs (``model``: a path or the graph's bytes)."""
+    """An onnxruntime session of the graph file ``model``, one of a bundle's."""
     disabled = list(CPU_DISABLED_OPTIMIZERS) if providers[0] == "CPUExecutionProvider" else []
     return ort.InferenceSession(
         model, sess_options=options, providers=providers, disabled_optimizers=disabled
