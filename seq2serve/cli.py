@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--screen-head",
         choices=["auto", "on", "off"],
         default="auto",
-        help="screen the fp32 step graph's LM head in int8 and rescore its best tokens "
-        "exactly (same greedy tokens, a quarter of the head's bytes per step); auto: when "
-        "the head is 16 MB or more",
+        help="screen the step graphs' LM heads and rescore their best tokens exactly (the "
+        "same greedy tokens): fp32 in int8, a quarter of the head's bytes per step; int8 in "
+        "4 bits at batches of 1 or 2, half of them; auto: when the fp32 head is 16 MB or more",
     )
     p.set_defaults(run=_export)
 

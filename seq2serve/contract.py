@@ -116,10 +116,11 @@ def decoder_step_inputs(cfg: ModelConfig, screened: bool = False) -> list[Tensor
     the step copies nothing (onnxruntime's TensorScatter, opset 24); unbound, the present is
     the updated copy of the buffer.
 
-    A graph whose LM head is screened in int8 (``screened``, see
-    ``seq2serve.export.screen``) also takes ``exact_logits``, a bool scalar: false, the
-    logits are exact for the highest-scoring tokens (the argmax among them, certified) and
-    int8-accurate for the rest; true, exact for every token.
+    A graph whose LM head is screened (``screened``, see ``seq2serve.export.screen``: an
+    fp32 head in int8, an int8 head in 4 bits) also takes ``exact_logits``, a bool scalar:
+    false, the logits are exact for the highest-scoring tokens (the argmax among them,
+    certified) and the screen's for the rest; true, exact for every token. "Exact" is the
+    graph's own precision: an int8 graph's logits are its int8 head's.
     """
     out = []
     for spec in decoder_inputs(cfg):

@@ -12,6 +12,7 @@ import torch
 from seq2serve.config import ModelConfig
 from seq2serve.data.task import LANGUAGES, build_default_task, language_tags
 from seq2serve.data.tokenizer import train_tokenizer
+from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.model.checkpoint import save_weights
 from seq2serve.model.transformer import Transformer
 
@@ -67,6 +68,24 @@ def make_checkpoint(out: Path, seed: int = 0, **overrides) -> Path:
     tok.save(str(out / "tokenizer.json"))
     save_weights(model, out / "model.safetensors")
     return out
+
+
+def first_step_logits(backend: OnnxBackend, rows: int, seed: int, exact: bool) -> np.ndarray:
+    """Logits (rows, V) of a first decoder step over random sources (``exact``: the
+    ``exact_logits`` a screened step graph takes)."""
+    cfg = backend.config
+    rng = np.random.default_rng(seed)
+    src = rng.integers(10, cfg.vocab_size, (rows, 9))
+    mask = np.ones_like(src)
+    cross = backend.encode(src, mask).cross
+    empty = [np.zeros((rows, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (
+        2 * cfg.n_decoder_layers
+    )
+    ids = rng.integers(10, cfg.vocab_size, (rows, 1))
+    out = backend.decode(
+        ids, np.zeros((rows, 1), np.int64), np.ones((rows, 1), np.int64), mask, empty, cross, exact
+    )
+    return out.logits[:, 0]
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from seq2serve.engine.generation import (
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import quantize, screen
 from seq2serve.export.bundle import export_bundle
-from tests.conftest import largest_int8, make_checkpoint
+from tests.conftest import first_step_logits, largest_int8, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +39,6 @@ def bundles(checkpoint, tmp_path_factory):
     export_bundle(checkpoint, out / "screened", screen=True, verify=True)
     export_bundle(checkpoint, out / "exact", screen=False)
     return out / "screened", out / "exact"
-
-
-def _first_steps(backend: OnnxBackend, rows: int, seed: int, exact: bool) -> np.ndarray:
-    """Logits (rows, V) of a first decoder step over random sources."""
-    cfg = backend.config
-    rng = np.random.default_rng(seed)
-    src = rng.integers(10, cfg.vocab_size, (rows, 9))
-    mask = np.ones_like(src)
-    cross = backend.encode(src, mask).cross
-    empty = [np.zeros((rows, cfg.n_heads, 0, cfg.head_dim), np.float32)] * (
-        2 * cfg.n_decoder_layers
-    )
-    ids = rng.integers(10, cfg.vocab_size, (rows, 1))
-    out = backend.decode(
-        ids, np.zeros((rows, 1), np.int64), np.ones((rows, 1), np.int64), mask, empty, cross, exact
-    )
-    return out.logits[:, 0]
 
 
 def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundles):
@@ -94,8 +77,8 @@ def test_the_screened_step_graph_loads_without_onnxruntime_warnings(bundles, cap
 def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(bundles, rows):
     screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
     for seed in range(6):
-        fast = _first_steps(screened, rows, seed, exact=False)
-        full = _first_steps(exact, rows, seed, exact=False)
+        fast = first_step_logits(screened, rows, seed, exact=False)
+        full = first_step_logits(exact, rows, seed, exact=False)
         picked = fast.argmax(-1)
         assert (picked == full.argmax(-1)).all()
         # The candidates' logits are exact, the chosen one among them ...
@@ -111,8 +94,8 @@ def test_exact_logits_asked_for_are_exact(bundles, rows):
     screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
     for seed in range(3):
         np.testing.assert_allclose(
-            _first_steps(screened, rows, seed, exact=True),
-            _first_steps(exact, rows, seed, exact=False),
+            first_step_logits(screened, rows, seed, exact=True),
+            first_step_logits(exact, rows, seed, exact=False),
             atol=1e-5,
         )
 
@@ -125,7 +108,9 @@ def test_an_uncertified_step_returns_exact_logits(checkpoint, bundles, tmp_path,
     never = OnnxBackend(load_bundle(tmp_path / "never"))
     exact = OnnxBackend(load_bundle(bundles[1]))
     np.testing.assert_allclose(
-        _first_steps(never, 3, 0, exact=False), _first_steps(exact, 3, 0, exact=False), atol=1e-5
+        first_step_logits(never, 3, 0, exact=False),
+        first_step_logits(exact, 3, 0, exact=False),
+        atol=1e-5,
     )
 
 

@@ -119,8 +119,8 @@ class Bundle:
     # written in place among them (None: a bundle exported before it existed, or CUDA;
     # then decoder.onnx serves every call)
     step: ort.InferenceSession | None = None
-    # The step graph's LM head is screened in int8 (it takes ``exact_logits``; see
-    # ``contract.decoder_step_inputs``).
+    # The step graph's LM head is screened: fp32 in int8, int8 in 4 bits (it takes
+    # ``exact_logits``; see ``contract.decoder_step_inputs``).
     screened: bool = False
     tables: SharedTables | None = None  # held for the sessions, which point into it
 

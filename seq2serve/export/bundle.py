@@ -28,7 +28,13 @@ from seq2serve.data.files import HELDOUT_FILE, read_heldout
 from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs, step_graph
 from seq2serve.export.quantize import quantize_int8, tie_int8_embedding
-from seq2serve.export.screen import is_screened, screen_head, wants_screen
+from seq2serve.export.screen import (
+    is_screened,
+    screen_head,
+    screen_int8_head,
+    wants_int8_screen,
+    wants_screen,
+)
 from seq2serve.model.checkpoint import load_model
 
 log = logging.getLogger(__name__)
@@ -165,8 +171,9 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle for checkpoint ``ckpt`` to ``out``; returns the manifest.
 
-    ``screen``: whether the fp32 step graph's LM head is screened in int8 and rescored
-    exactly (``seq2serve.export.screen``); None: when the head is large enough to pay."""
+    ``screen``: whether the step graphs' LM heads are screened and rescored exactly
+    (``seq2serve.export.screen``: fp32 in int8, int8 in 4 bits); None: each when the head is
+    large enough to pay."""
     ckpt, out = Path(ckpt), Path(out)
     model, _ = load_model(ckpt)
     cfg = model.cfg
@@ -181,6 +188,7 @@ def export_bundle(
         raw.mkdir()
         log.info("exporting encoder and decoder graphs (opset %d)", OPSET)
         export_graphs(model, raw)
+        size = cfg.vocab_size, cfg.d_model
         variants = {
             False: {
                 f: onnx.load(str(raw / f)) for f in (contract.ENCODER_FILE, contract.DECODER_FILE)
@@ -197,11 +205,12 @@ def export_bundle(
             tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
-        if screen is None:
-            screen = wants_screen(cfg.vocab_size, cfg.d_model)
         for quantized, graphs in variants.items():
             step = step_graph(graphs[contract.DECODER_FILE], cfg)
-            if screen and not quantized:  # the int8 head is int8 already
+            if quantized and (wants_int8_screen(*size) if screen is None else screen):
+                log.info("screening the int8 step graph's LM head in 4 bits")
+                screen_int8_head(step)
+            elif not quantized and (wants_screen(*size) if screen is None else screen):
                 log.info("screening the fp32 step graph's LM head in int8")
                 screen_head(step)
             graphs[contract.DECODER_STEP_FILE] = step

@@ -96,13 +96,17 @@ def verify_parity(
         capacity = t + 4
         buffers = cache_buffers(first.present, b, capacity)
         worst, best_logit, mismatches = 0.0, 0.0, 0
+        # The fp32 screen's picks against PyTorch's. The int8 screen's are its int8 head's
+        # (tests/test_screen_int8.py), which rounds differently from PyTorch in any case,
+        # and it runs at up to two rows, fewer than these.
+        check_screen = backend.bundle.screened and not quantized
         binding = backend.bind_step(buffers, enc.cross, src_mask.numpy(), (b, capacity))
         for i in range(3, t):
             mask = np.zeros((b, capacity), np.int64)
             mask[:, : i + 1] = 1
             args = (binding, tgt[:, i : i + 1].numpy(), positions[:, i : i + 1].numpy(), mask, i)
             want = reference[:, i].numpy()  # (B, V)
-            if backend.bundle.screened:
+            if check_screen:
                 # The screened head (exact_logits false): the same greedy token and its logit.
                 screened = backend.step_in_place(*args)[:, 0]
                 picked = screened.argmax(axis=-1)
@@ -112,7 +116,7 @@ def verify_parity(
             logits = backend.step_in_place(*args, exact_logits=True)  # rewrites the same column
             worst = max(worst, _max_diff(logits[:, 0], want))
         figures["decoder_step_in_place_logits"] = worst
-        if backend.bundle.screened:
+        if check_screen:
             figures["decoder_step_screened_argmax_mismatches"] = mismatches
             figures["decoder_step_screened_best_logit"] = best_logit
 
