@@ -108,8 +108,10 @@ def machine() -> dict[str, Any]:
 # The memory-bandwidth floor
 
 
-# The floor of the fp32 engine's steps when its LM head is screened in int8.
+# The floors of the engine's batch-1 steps when their LM heads are screened: fp32 in int8,
+# int8 in 4 bits.
 SCREENED = "fp32 screened head"
+SCREENED_INT8 = "int8 screened head"
 
 
 def read_bandwidth(threads: int, megabytes: int = 512) -> float:
@@ -146,8 +148,10 @@ def step_bytes(
     self-attention keys/values of ``past`` tokens and the cross-attention ones of ``source``.
 
     ``file``: the graph whose weights count. decoder.onnx holds the model's weights as they
-    are; a step graph with a screened head multiplies by the head's int8 copy and only
-    gathers rows of the fp32 table (its exact branch, a subgraph, does not count)."""
+    are; a step graph with a screened head multiplies by the head's screen and only gathers
+    rows of the table it screens: of the fp32 table (its exact branch, a subgraph, does not
+    count), or of the int8 one, which the int8 head that a batch-1 step skips reads through a
+    ``Transpose``."""
     import onnx  # an export dependency: imported only when the floor is computed
 
     graph = onnx.load(
@@ -158,13 +162,27 @@ def step_bytes(
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
+    skipped = {"Gather", "Transpose"} if _screened(graph) else {"Gather"}
     weights = sum(
         int(np.prod(init.dims)) * _ELEMENT_BYTES.get(init.data_type, 4)
         for init in graph.initializer
-        if init.data_type in _ELEMENT_BYTES and readers.get(init.name, set()) - {"Gather"}
+        if init.data_type in _ELEMENT_BYTES and readers.get(init.name, set()) - skipped
     )
     kv = 2 * cfg.n_decoder_layers * cfg.n_heads * cfg.head_dim * (past + source) * 4
     return weights + kv
+
+
+def _screened(graph: Any) -> bool:
+    """Whether an onnx graph is a step graph with a screened LM head."""
+    return any(i.name == contract.EXACT_LOGITS for i in graph.input)
+
+
+def screened_step(model: Path, quantized: bool) -> bool:
+    """Whether the bundle's step graph of this precision has a screened LM head."""
+    import onnx
+
+    path = model / contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
+    return path.exists() and _screened(onnx.load(str(path), load_external_data=False).graph)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1038,14 +1056,20 @@ def _run(cfg: BenchConfig, progress: Progress, tmp: Path) -> dict[str, Any]:
         name = "int8" if quantized else "fp32"
         n = step_bytes(cfg.model, quantized, bundle.config, cfg.source_tokens, past)
         floor[name] = {"bytes_per_step": n, "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3)}
-    if bundle.screened:  # what the fp32 engine's steps read: the head's int8 screen
-        n = step_bytes(
-            cfg.model, False, bundle.config, cfg.source_tokens, past, contract.DECODER_STEP_FILE
-        )
-        floor[SCREENED] = {
-            "bytes_per_step": n,
-            "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3),
-        }
+    for quantized in precisions:  # what the engine's screened steps read instead
+        if screened_step(cfg.model, quantized):
+            n = step_bytes(
+                cfg.model,
+                quantized,
+                bundle.config,
+                cfg.source_tokens,
+                past,
+                contract.DECODER_STEP_FILE,
+            )
+            floor[SCREENED_INT8 if quantized else SCREENED] = {
+                "bytes_per_step": n,
+                "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3),
+            }
     results["floor"] = floor
     results["step_growth"] = {}
     for quantized in precisions:
@@ -1125,14 +1149,15 @@ def table(results: dict[str, Any]) -> str:
             cells += [f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}"]
         rss = f"{engine['rss_mb']:.0f}" if "rss_mb" in engine else "-"
         share = "-"
-        f = floor.get(SCREENED if name == "onnx fp32" else "", floor.get(_precision(name)))
+        screened = {"onnx fp32": SCREENED, "onnx int8": SCREENED_INT8}.get(name, "")
+        f = floor.get(screened, floor.get(_precision(name)))
         if f and "1" in engine["rows"]:
             share = f"{100 * f['floor_ms'] / engine['rows']['1']['ms_per_step']:.0f} %"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {rss} | {share} |")
     lines.append("")
     parts = [
         f"{p} {floor[p]['bytes_per_step'] / 1e6:.1f} MB -> floor {floor[p]['floor_ms']:.2f} ms"
-        for p in ("fp32", SCREENED, "int8")
+        for p in ("fp32", SCREENED, "int8", SCREENED_INT8)
         if p in floor
     ]
     samples = floor.get("bandwidth_gb_s_samples", [floor["bandwidth_gb_s"]])
