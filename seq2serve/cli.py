@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         default="auto",
         help="screen the step graphs' LM heads and rescore their best tokens exactly (the "
-        "same greedy tokens): fp32 in int8, a quarter of the head's bytes per step; int8 in "
-        "4 bits at batches of 1 or 2, half of them; auto: when the fp32 head is 16 MB or more",
+        "same greedy tokens). auto: the fp32 head in int8 when it is 16 MB or more (a quarter "
+        "of its bytes per step); on: that, and the int8 head in 4 bits at batch 1 (half its "
+        "bytes: about 10%% off a batch-1 int8 step, for the 4-bit head's memory and a copy of "
+        "the logits at larger batches); off: neither",
     )
     p.set_defaults(run=_export)
 

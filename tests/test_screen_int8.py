@@ -1,5 +1,6 @@
 """The int8 step graph's LM head screened in 4 bits: screen, bound, int8 rescoring,
-certificate, and the switch to the int8 head above ``INT4_SCREEN_MAX_ROWS`` rows.
+certificate, and the switch to the int8 head above ``INT4_SCREEN_MAX_ROWS`` rows (asked for
+at export: ``screen=True``).
 
 Against an int8 bundle of the same checkpoint exported without the screen: greedy tokens
 identical, the candidates' logits the int8 head's, and every logit the int8 head's when the
@@ -215,7 +216,7 @@ def test_the_screened_int8_step_graph_loads_without_onnxruntime_warnings(bundles
     assert "[W:onnxruntime" not in err and "[E:onnxruntime" not in err, err
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", range(1, screen.INT4_SCREEN_MAX_ROWS + 1))
 def test_the_screen_picks_the_int8_heads_argmax_and_logit(bundles, rows):
     screened, exact = _backends(bundles)
     for seed in range(6):
@@ -229,7 +230,7 @@ def test_the_screen_picks_the_int8_heads_argmax_and_logit(bundles, rows):
         assert 1e-4 < np.abs(fast - full).max() < 2.0  # the rest are the 4-bit screen's
 
 
-@pytest.mark.parametrize("rows", [screen.INT4_SCREEN_MAX_ROWS + 1, 6])
+@pytest.mark.parametrize("rows", [screen.INT4_SCREEN_MAX_ROWS + 1, 5])
 def test_a_larger_batch_runs_the_int8_head(bundles, rows):
     screened, exact = _backends(bundles)
     for seed in range(2):
@@ -255,13 +256,13 @@ def test_an_uncertified_step_returns_the_int8_heads_logits(checkpoint, bundles, 
     never = OnnxBackend(load_bundle(tmp_path / "never", quantized=True))
     _, exact = _backends(bundles)
     np.testing.assert_array_equal(
-        first_step_logits(never, 2, 0, exact=False), first_step_logits(exact, 2, 0, exact=False)
+        first_step_logits(never, 1, 0, exact=False), first_step_logits(exact, 1, 0, exact=False)
     )
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_greedy_generation_matches_the_int8_head(bundles, count):
-    """One, two (screened) and three (the int8 head) sequences in one batch, with EOS
+    """One sequence (screened), two and three (the int8 head) in one batch, with EOS
     ignored so the batch keeps its size."""
     rng = np.random.default_rng(11)
     screened, exact = (load_bundle(b, quantized=True) for b in bundles)
@@ -274,5 +275,15 @@ def test_greedy_generation_matches_the_int8_head(bundles, count):
         runs.append(run_to_completion(batch, [batch.new_sequence(s, params) for s in sources]))
     for fast, full in zip(*runs, strict=True):
         assert fast.generated == full.generated
-        # each log-probability's normalizer sums the screen's 4-bit logits at 1-2 rows
+        # a screened step's log-probabilities take their normalizer over the 4-bit logits
         np.testing.assert_allclose(fast.logprobs, full.logprobs, atol=2e-2)
+
+
+def test_only_an_export_that_asks_for_it_screens_the_int8_head(checkpoint, tmp_path):
+    """``screen=None`` (``--screen-head auto``) screens the fp32 head when it is large
+    enough, here always, and leaves the int8 head as it is."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(screen, "SCREEN_MIN_BYTES", 0)
+        export_bundle(checkpoint, tmp_path / "auto", quantize="int8")
+    assert load_bundle(tmp_path / "auto").screened
+    assert not load_bundle(tmp_path / "auto", quantized=True).screened

@@ -29,10 +29,10 @@ from seq2serve.engine.bundle import sha256_file
 from seq2serve.export.graphs import OPSET, export_graphs, step_graph
 from seq2serve.export.quantize import quantize_int8, tie_int8_embedding
 from seq2serve.export.screen import (
+    int8_screen_fits,
     is_screened,
     screen_head,
     screen_int8_head,
-    wants_int8_screen,
     wants_screen,
 )
 from seq2serve.model.checkpoint import load_model
@@ -172,8 +172,8 @@ def export_bundle(
     """Write the bundle for checkpoint ``ckpt`` to ``out``; returns the manifest.
 
     ``screen``: whether the step graphs' LM heads are screened and rescored exactly
-    (``seq2serve.export.screen``: fp32 in int8, int8 in 4 bits); None: each when the head is
-    large enough to pay."""
+    (``seq2serve.export.screen``): True, both (fp32 in int8, int8 in 4 bits at batch 1);
+    None, the fp32 head when it is large enough to pay; False, neither."""
     ckpt, out = Path(ckpt), Path(out)
     model, _ = load_model(ckpt)
     cfg = model.cfg
@@ -188,7 +188,6 @@ def export_bundle(
         raw.mkdir()
         log.info("exporting encoder and decoder graphs (opset %d)", OPSET)
         export_graphs(model, raw)
-        size = cfg.vocab_size, cfg.d_model
         variants = {
             False: {
                 f: onnx.load(str(raw / f)) for f in (contract.ENCODER_FILE, contract.DECODER_FILE)
@@ -207,10 +206,17 @@ def export_bundle(
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         for quantized, graphs in variants.items():
             step = step_graph(graphs[contract.DECODER_FILE], cfg)
-            if quantized and (wants_int8_screen(*size) if screen is None else screen):
+            if quantized and screen and not int8_screen_fits(cfg.d_model):
+                log.warning(
+                    "d_model %d: no 4-bit block length divides it; the int8 head is not screened",
+                    cfg.d_model,
+                )
+            elif quantized and screen:
                 log.info("screening the int8 step graph's LM head in 4 bits")
                 screen_int8_head(step)
-            elif not quantized and (wants_screen(*size) if screen is None else screen):
+            elif not quantized and (
+                wants_screen(cfg.vocab_size, cfg.d_model) if screen is None else screen
+            ):
                 log.info("screening the fp32 step graph's LM head in int8")
                 screen_head(step)
             graphs[contract.DECODER_STEP_FILE] = step

@@ -204,9 +204,6 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
     ]
     graph.initializer.extend(added)
 
-    def with_bias(name: str, out: str, cand: str | None = None) -> list[onnx.NodeProto]:
-        return _with_bias(bias, name, out, cand)
-
     f = TensorProto.FLOAT
     new = [
         # 0. the screen's rows: every row, or none when exact logits are asked for (the
@@ -223,7 +220,7 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
         helper.make_node("Cast", [p + "acc"], [p + "accf"], to=f),
         helper.make_node("Mul", [p + "hs", p + "weight_scale"], [p + "scales"]),
         helper.make_node("Mul", [p + "accf", p + "scales"], [p + "A0"]),
-        *with_bias(p + "A0", p + "A"),
+        *_with_bias(bias, p + "A0", p + "A", None),
         # 2. the bound eps (B, T, 1)
         helper.make_node("DequantizeLinear", [p + "hq", p + "hs", p + "hz"], [p + "hd"]),
         helper.make_node("Abs", [p + "hd"], [p + "habs"]),
@@ -242,7 +239,7 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
         helper.make_node("Unsqueeze", [p + "h", p + "last"], [p + "hcol"]),  # (B, T, C, 1)
         helper.make_node("MatMul", [p + "rows", p + "hcol"], [p + "ex4"]),  # (B, T, k, 1)
         helper.make_node("Squeeze", [p + "ex4", p + "last"], [p + "ex0"]),
-        *with_bias(p + "ex0", p + "exact", p + "cand"),
+        *_with_bias(bias, p + "ex0", p + "exact", p + "cand"),
         # 4. the certificate: every row's best candidate above the rest's upper bound
         *_certificate(),
         helper.make_node("Or", [p + "uncertified", contract.EXACT_LOGITS], [p + "full"]),
@@ -286,7 +283,7 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
                     helper.make_node("Slice", [p + "shape", p + "zero", p + "two"], [p + "bt"]),
                     helper.make_node("Concat", [p + "bt", p + "vocab"], [p + "out_shape"], axis=0),
                     helper.make_node("Reshape", [p + "full_bv", p + "out_shape"], [p + "full0"]),
-                    *with_bias(p + "full0", p + "full_out"),
+                    *_with_bias(bias, p + "full0", p + "full_out", None),
                 ],
                 "exact_head",
                 [],
@@ -317,11 +314,10 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
 # (onnxruntime's MatMulNBits, which quantizes the hidden state to int8 per block: accuracy
 # level 4). It reads half the int8 head's bytes, but its kernel is for single rows. Measured
 # opus-mt-sized (58,101 x 512) on a 2-core Xeon, 2 threads: MatMulNBits alone 390 against
-# the int8 head's 881 us at one row, 4.2 against 1.25 ms at 16 rows; the whole screen
-# (screen, bound, candidates, rescoring, certificate) 594 against 916 us at one row, 824
-# against 921 at two, 1,587 against 977 at four. So it runs at up to this many rows; a
-# larger batch multiplies by the int8 head, as the unscreened graph does.
-INT4_SCREEN_MAX_ROWS = 2
+# the int8 head's 881 us at one row, 4.2 against 1.25 ms at 16 rows. Whole steps, one
+# session alternating exact_logits false / true: 0.84-0.92 of the int8 head's time at one
+# row, 0.99-1.03 at two. So it runs at one row; more multiply by the int8 head.
+INT4_SCREEN_MAX_ROWS = 1
 # Block lengths MatMulNBits takes, longest first: the longest that divides d_model (fewer
 # scales to read; at 512 x 58,101 blocks of 128 ran at 390 us, of 32 at 563).
 INT4_BLOCKS = (128, 64, 32, 16)
@@ -332,11 +328,12 @@ INT4_LEVELS = 7  # codes 1..15 around the kernel's default zero point, 8
 ACTIVATION_LEVELS = 127
 
 
-def wants_int8_screen(vocab_size: int, d_model: int) -> bool:
-    """Whether an int8 step graph's head of this size is screened in 4 bits by default:
-    when its fp32 head would be (the same bytes read, a quarter as many), and a block
-    length divides d_model."""
-    return wants_screen(vocab_size, d_model) and _int4_block(d_model) is not None
+def int8_screen_fits(d_model: int) -> bool:
+    """Whether an int8 head over ``d_model`` channels can be screened in 4 bits: a block
+    length divides it. The int8 screen is asked for (``export --screen-head on``), never
+    chosen by default: it costs memory (the 4-bit head, 16 MB for opus-mt) and a copy of
+    the logits at every step of more than one row (``screen_int8_head``)."""
+    return _int4_block(d_model) is not None
 
 
 def _int4_block(channels: int) -> int | None:
@@ -387,8 +384,16 @@ def screen_int8_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES)
        ``h`` times the gathered int8 rows, scaled per token);
     4. certify, as the fp32 screen does. A batch with an uncertified row, more rows, or
        exact logits asked for runs the int8 head on every row, so its logits are the
-       unscreened graph's. The head stays where it was, over a slice of the rows that is
-       empty when the screen certified: no subgraph, so its weight is packed once.
+       unscreened graph's.
+
+    The int8 head stays in the main graph, over a slice of the rows that is empty when the
+    screen certified, and the logits are the concatenation of its rows and the screen's.
+    That concatenation copies a batch's logits at every step (0.16 ms at 16 rows of 58,101
+    on the 2-core Xeon). The other ways measured cost more: the head in a branch of an
+    ``If`` reading the table from the outer scope, where its weight is not packed for the
+    kernel (1.3 against 0.9 ms at one row, 1.4 against 1.26 at 16); with a weight of the
+    branch's own, which onnxruntime keeps resident beside the packed copy (30 MB more); or
+    an ``If`` choosing between the two results, which copies as the concatenation does.
     """
     graph = step.graph
     inits = {i.name: i for i in graph.initializer}
