@@ -1,7 +1,8 @@
 """The step graphs' LM heads, screened in fewer bits and rescored exactly.
 
 The fp32 step graph's head is screened in int8 (``screen_head``) and the int8 step graph's
-in 4 bits at one or two rows (``screen_int8_head``), by the same four steps.
+in 4 bits at batch 1, when an export asks for it (``screen_int8_head``), by the same four
+steps.
 
 A batch-1 fp32 decode step is bound by the bytes it reads, and the tied LM head (58,101 x 512
 for opus-mt: 119 MB of the step's 210) is most of them. ``screen_head`` rewrites the head of
@@ -315,7 +316,7 @@ def screen_head(step: onnx.ModelProto, candidates: int = SCREEN_CANDIDATES) -> N
 # level 4). It reads half the int8 head's bytes, but its kernel is for single rows. Measured
 # opus-mt-sized (58,101 x 512) on a 2-core Xeon, 2 threads: MatMulNBits alone 390 against
 # the int8 head's 881 us at one row, 4.2 against 1.25 ms at 16 rows. Whole steps, one
-# session alternating exact_logits false / true: 0.84-0.92 of the int8 head's time at one
+# session alternating exact_logits false / true: 0.84-0.93 of the int8 head's time at one
 # row, 0.99-1.03 at two. So it runs at one row; more multiply by the int8 head.
 INT4_SCREEN_MAX_ROWS = 1
 # Block lengths MatMulNBits takes, longest first: the longest that divides d_model (fewer

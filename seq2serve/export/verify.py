@@ -98,7 +98,7 @@ def verify_parity(
         worst, best_logit, mismatches = 0.0, 0.0, 0
         # The fp32 screen's picks against PyTorch's. The int8 screen's are its int8 head's
         # (tests/test_screen_int8.py), which rounds differently from PyTorch in any case,
-        # and it runs at up to two rows, fewer than these.
+        # and it runs at one row, fewer than these.
         check_screen = backend.bundle.screened and not quantized
         binding = backend.bind_step(buffers, enc.cross, src_mask.numpy(), (b, capacity))
         for i in range(3, t):
