@@ -154,15 +154,15 @@ def step_bytes(
     ``Transpose``."""
     import onnx  # an export dependency: imported only when the floor is computed
 
-    graph = onnx.load(
-        str(model / contract.onnx_file(file, quantized)),
-        load_external_data=False,
-    ).graph
+    from seq2serve.export.screen import is_screened
+
+    proto = onnx.load(str(model / contract.onnx_file(file, quantized)), load_external_data=False)
+    graph = proto.graph
     readers: dict[str, set[str]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, set()).add(node.op_type)
-    skipped = {"Gather", "Transpose"} if _screened(graph) else {"Gather"}
+    skipped = {"Gather", "Transpose"} if is_screened(proto) else {"Gather"}
     weights = sum(
         int(np.prod(init.dims)) * _ELEMENT_BYTES.get(init.data_type, 4)
         for init in graph.initializer
@@ -172,17 +172,14 @@ def step_bytes(
     return weights + kv
 
 
-def _screened(graph: Any) -> bool:
-    """Whether an onnx graph is a step graph with a screened LM head."""
-    return any(i.name == contract.EXACT_LOGITS for i in graph.input)
-
-
 def screened_step(model: Path, quantized: bool) -> bool:
     """Whether the bundle's step graph of this precision has a screened LM head."""
     import onnx
 
+    from seq2serve.export.screen import is_screened
+
     path = model / contract.onnx_file(contract.DECODER_STEP_FILE, quantized)
-    return path.exists() and _screened(onnx.load(str(path), load_external_data=False).graph)
+    return path.exists() and is_screened(onnx.load(str(path), load_external_data=False))
 
 
 # ----------------------------------------------------------------------------------------

@@ -206,19 +206,18 @@ def export_bundle(
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
         for quantized, graphs in variants.items():
             step = step_graph(graphs[contract.DECODER_FILE], cfg)
-            if quantized and screen and not int8_screen_fits(cfg.d_model):
+            if not quantized:
+                if wants_screen(cfg.vocab_size, cfg.d_model) if screen is None else screen:
+                    log.info("screening the fp32 step graph's LM head in int8")
+                    screen_head(step)
+            elif screen and int8_screen_fits(cfg.d_model):
+                log.info("screening the int8 step graph's LM head in 4 bits")
+                screen_int8_head(step)
+            elif screen:
                 log.warning(
                     "d_model %d: no 4-bit block length divides it; the int8 head is not screened",
                     cfg.d_model,
                 )
-            elif quantized and screen:
-                log.info("screening the int8 step graph's LM head in 4 bits")
-                screen_int8_head(step)
-            elif not quantized and (
-                wants_screen(cfg.vocab_size, cfg.d_model) if screen is None else screen
-            ):
-                log.info("screening the fp32 step graph's LM head in int8")
-                screen_head(step)
             graphs[contract.DECODER_STEP_FILE] = step
         sizes, tables = {}, {}
         for quantized, graphs in variants.items():
