@@ -13,6 +13,7 @@ from seq2serve.config import ModelConfig
 from seq2serve.data.task import LANGUAGES, build_default_task, language_tags
 from seq2serve.data.tokenizer import train_tokenizer
 from seq2serve.engine.runtime import OnnxBackend
+from seq2serve.export.bundle import export_bundle
 from seq2serve.model.checkpoint import save_weights
 from seq2serve.model.transformer import Transformer
 
@@ -86,6 +87,23 @@ def first_step_logits(backend: OnnxBackend, rows: int, seed: int, exact: bool) -
         ids, np.zeros((rows, 1), np.int64), np.ones((rows, 1), np.int64), mask, empty, cross, exact
     )
     return out.logits[:, 0]
+
+
+@pytest.fixture(scope="session")
+def screen_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoint the screens' tests export (tests/test_screen*.py)."""
+    return make_checkpoint(tmp_path_factory.mktemp("screen") / "ckpt", seed=3)
+
+
+@pytest.fixture(scope="session")
+def screen_bundles(screen_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """(screened, exact): bundles of ``screen_checkpoint`` with fp32 and int8 graphs, the
+    first with both LM heads screened (fp32 in int8, int8 in 4 bits), the second with
+    neither."""
+    out = tmp_path_factory.mktemp("screen")
+    export_bundle(screen_checkpoint, out / "screened", quantize="int8", screen=True, verify=True)
+    export_bundle(screen_checkpoint, out / "exact", quantize="int8", screen=False)
+    return out / "screened", out / "exact"
 
 
 @pytest.fixture(scope="session")

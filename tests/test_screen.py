@@ -24,25 +24,11 @@ from seq2serve.engine.generation import (
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import quantize, screen
 from seq2serve.export.bundle import export_bundle
-from tests.conftest import first_step_logits, largest_int8, make_checkpoint
+from tests.conftest import first_step_logits, largest_int8
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("screen") / "ckpt", seed=3)
-
-
-@pytest.fixture(scope="module")
-def bundles(checkpoint, tmp_path_factory):
-    """(screened, exact) bundles of one checkpoint."""
-    out = tmp_path_factory.mktemp("screen")
-    export_bundle(checkpoint, out / "screened", screen=True, verify=True)
-    export_bundle(checkpoint, out / "exact", screen=False)
-    return out / "screened", out / "exact"
-
-
-def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundles):
-    screened, exact = bundles
+def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(screen_bundles):
+    screened, exact = screen_bundles
     assert load_bundle(screened).screened and not load_bundle(exact).screened
     manifest = json.loads((screened / contract.MANIFEST_FILE).read_text())
     inputs = [i["name"] for i in manifest["io"][contract.DECODER_STEP_FILE]["inputs"]]
@@ -59,10 +45,10 @@ def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(bundl
     assert largest == quantize.SATURATION_FREE_WEIGHT
 
 
-def test_the_screened_step_graph_loads_without_onnxruntime_warnings(bundles, capfd):
+def test_the_screened_step_graph_loads_without_onnxruntime_warnings(screen_bundles, capfd):
     # The warning a server would print at every start (the Slice elimination rule's, for a
     # Slice whose output a subgraph reads) is written by onnxruntime to the stderr stream.
-    screened, _ = bundles
+    screened, _ = screen_bundles
     options = session_options(threads=None)  # the server's: every graph optimization
     options.log_severity_level = 2  # warnings and errors
     capfd.readouterr()
@@ -74,8 +60,8 @@ def test_the_screened_step_graph_loads_without_onnxruntime_warnings(bundles, cap
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(bundles, rows):
-    screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
+def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(screen_bundles, rows):
+    screened, exact = (OnnxBackend(load_bundle(b)) for b in screen_bundles)
     for seed in range(6):
         fast = first_step_logits(screened, rows, seed, exact=False)
         full = first_step_logits(exact, rows, seed, exact=False)
@@ -90,8 +76,8 @@ def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(bundles, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 4])  # the exact head's two forms: one row, several
-def test_exact_logits_asked_for_are_exact(bundles, rows):
-    screened, exact = (OnnxBackend(load_bundle(b)) for b in bundles)
+def test_exact_logits_asked_for_are_exact(screen_bundles, rows):
+    screened, exact = (OnnxBackend(load_bundle(b)) for b in screen_bundles)
     for seed in range(3):
         np.testing.assert_allclose(
             first_step_logits(screened, rows, seed, exact=True),
@@ -100,13 +86,15 @@ def test_exact_logits_asked_for_are_exact(bundles, rows):
         )
 
 
-def test_an_uncertified_step_returns_exact_logits(checkpoint, bundles, tmp_path, monkeypatch):
+def test_an_uncertified_step_returns_exact_logits(
+    screen_checkpoint, screen_bundles, tmp_path, monkeypatch
+):
     """A margin no candidate can clear: the certificate fails on every row and the graph
     computes every logit exactly."""
     monkeypatch.setattr(screen, "ABSOLUTE_MARGIN", 1e6)
-    export_bundle(checkpoint, tmp_path / "never", screen=True)
+    export_bundle(screen_checkpoint, tmp_path / "never", screen=True)
     never = OnnxBackend(load_bundle(tmp_path / "never"))
-    exact = OnnxBackend(load_bundle(bundles[1]))
+    exact = OnnxBackend(load_bundle(screen_bundles[1]))
     np.testing.assert_allclose(
         first_step_logits(never, 3, 0, exact=False),
         first_step_logits(exact, 3, 0, exact=False),
@@ -114,9 +102,9 @@ def test_an_uncertified_step_returns_exact_logits(checkpoint, bundles, tmp_path,
     )
 
 
-def test_greedy_generation_matches_the_exact_head(bundles):
-    screened, exact = (load_bundle(b) for b in bundles)
-    manifest = json.loads((bundles[0] / contract.MANIFEST_FILE).read_text())
+def test_greedy_generation_matches_the_exact_head(screen_bundles):
+    screened, exact = (load_bundle(b) for b in screen_bundles)
+    manifest = json.loads((screen_bundles[0] / contract.MANIFEST_FILE).read_text())
     assert manifest["parity"]["fp32"]["decoder_step_screened_argmax_mismatches"] == 0
     rng = np.random.default_rng(7)
     sources = [[*rng.integers(10, screened.config.vocab_size, n).tolist(), 2] for n in (5, 9, 14)]
@@ -152,8 +140,8 @@ class Recording(OnnxBackend):
         (SamplingParams(max_new_tokens=6, repetition_penalty=1.3), True),
     ],
 )
-def test_choices_that_read_every_logit_ask_for_exact_logits(bundles, params, asks):
-    bundle = load_bundle(bundles[0])
+def test_choices_that_read_every_logit_ask_for_exact_logits(screen_bundles, params, asks):
+    bundle = load_bundle(screen_bundles[0])
     backend = Recording(bundle)
     batch = DecodeBatch(backend, bundle.tokenizer)
     greedy = SamplingParams(max_new_tokens=6)
@@ -162,8 +150,8 @@ def test_choices_that_read_every_logit_ask_for_exact_logits(bundles, params, ask
     assert backend.asked and set(backend.asked) == {asks}
 
 
-def test_sampling_and_beams_match_the_exact_head(bundles):
-    screened, exact = (load_bundle(b) for b in bundles)
+def test_sampling_and_beams_match_the_exact_head(screen_bundles):
+    screened, exact = (load_bundle(b) for b in screen_bundles)
     source = [11, 12, 13, 14, 2]
     sampled = []
     for bundle in (screened, exact):
@@ -177,7 +165,7 @@ def test_sampling_and_beams_match_the_exact_head(bundles):
     assert sampled[0] == sampled[1]
 
 
-def test_a_server_on_the_screened_bundle_streams_the_exact_heads_tokens(bundles):
+def test_a_server_on_the_screened_bundle_streams_the_exact_heads_tokens(screen_bundles):
     """Greedy and seeded sampling requests at once, streamed, through a real server over
     the screened bundle: each stream's tokens are the exact bundle's for the same request
     (greedy through the screen, sampling through exact logits the same batch asked for)."""
@@ -210,7 +198,7 @@ def test_a_server_on_the_screened_bundle_streams_the_exact_heads_tokens(bundles)
             with ThreadPoolExecutor(len(bodies)) as pool:
                 return list(pool.map(one, bodies))
 
-    screened, exact = bundles
+    screened, exact = screen_bundles
     expected = run(exact, streamed=False)
     assert run(screened, streamed=True) == expected
     assert all(len(ids) == 16 for ids in expected)

@@ -22,21 +22,7 @@ from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import screen
 from seq2serve.export.bundle import export_bundle
 from seq2serve.export.quantize import EMBED_INT8, EMBED_SCALE, SATURATION_FREE_WEIGHT
-from tests.conftest import first_step_logits, make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("screen_int8") / "ckpt", seed=3)
-
-
-@pytest.fixture(scope="module")
-def bundles(checkpoint, tmp_path_factory):
-    """(screened, unscreened) int8 bundles of one checkpoint."""
-    out = tmp_path_factory.mktemp("screen_int8")
-    export_bundle(checkpoint, out / "screened", quantize="int8", screen=True)
-    export_bundle(checkpoint, out / "exact", quantize="int8", screen=False)
-    return out / "screened", out / "exact"
+from tests.conftest import first_step_logits
 
 
 def _backends(bundles) -> tuple[OnnxBackend, OnnxBackend]:
@@ -187,8 +173,8 @@ def test_a_certified_row_returns_the_int8_heads_argmax_and_its_logit():
     assert certified >= 15
 
 
-def test_the_screened_int8_graph_keeps_the_contract_and_one_int8_head(bundles):
-    screened, exact = bundles
+def test_the_screened_int8_graph_keeps_the_contract_and_one_int8_head(screen_bundles):
+    screened, exact = screen_bundles
     assert load_bundle(screened, quantized=True).screened
     assert not load_bundle(exact, quantized=True).screened
     step = contract.onnx_file(contract.DECODER_STEP_FILE, True)
@@ -202,8 +188,8 @@ def test_the_screened_int8_graph_keeps_the_contract_and_one_int8_head(bundles):
     assert weights[screen.PREFIX + "weight"].data_type == TensorProto.UINT8
 
 
-def test_the_screened_int8_step_graph_loads_without_onnxruntime_warnings(bundles, capfd):
-    screened, _ = bundles
+def test_the_screened_int8_step_graph_loads_without_onnxruntime_warnings(screen_bundles, capfd):
+    screened, _ = screen_bundles
     options = session_options(threads=None)
     options.log_severity_level = 2  # warnings and errors
     capfd.readouterr()
@@ -217,8 +203,8 @@ def test_the_screened_int8_step_graph_loads_without_onnxruntime_warnings(bundles
 
 
 @pytest.mark.parametrize("rows", range(1, screen.INT4_SCREEN_MAX_ROWS + 1))
-def test_the_screen_picks_the_int8_heads_argmax_and_logit(bundles, rows):
-    screened, exact = _backends(bundles)
+def test_the_screen_picks_the_int8_heads_argmax_and_logit(screen_bundles, rows):
+    screened, exact = _backends(screen_bundles)
     for seed in range(6):
         fast = first_step_logits(screened, rows, seed, exact=False)
         full = first_step_logits(exact, rows, seed, exact=False)
@@ -231,8 +217,8 @@ def test_the_screen_picks_the_int8_heads_argmax_and_logit(bundles, rows):
 
 
 @pytest.mark.parametrize("rows", [screen.INT4_SCREEN_MAX_ROWS + 1, 5])
-def test_a_larger_batch_runs_the_int8_head(bundles, rows):
-    screened, exact = _backends(bundles)
+def test_a_larger_batch_runs_the_int8_head(screen_bundles, rows):
+    screened, exact = _backends(screen_bundles)
     for seed in range(2):
         np.testing.assert_array_equal(
             first_step_logits(screened, rows, seed, exact=False),
@@ -241,31 +227,33 @@ def test_a_larger_batch_runs_the_int8_head(bundles, rows):
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-def test_exact_logits_asked_for_are_the_int8_heads(bundles, rows):
-    screened, exact = _backends(bundles)
+def test_exact_logits_asked_for_are_the_int8_heads(screen_bundles, rows):
+    screened, exact = _backends(screen_bundles)
     np.testing.assert_array_equal(
         first_step_logits(screened, rows, 0, exact=True),
         first_step_logits(exact, rows, 0, exact=False),
     )
 
 
-def test_an_uncertified_step_returns_the_int8_heads_logits(checkpoint, bundles, tmp_path):
+def test_an_uncertified_step_returns_the_int8_heads_logits(
+    screen_checkpoint, screen_bundles, tmp_path
+):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(screen, "ABSOLUTE_MARGIN", 1e6)
-        export_bundle(checkpoint, tmp_path / "never", quantize="int8", screen=True)
+        export_bundle(screen_checkpoint, tmp_path / "never", quantize="int8", screen=True)
     never = OnnxBackend(load_bundle(tmp_path / "never", quantized=True))
-    _, exact = _backends(bundles)
+    _, exact = _backends(screen_bundles)
     np.testing.assert_array_equal(
         first_step_logits(never, 1, 0, exact=False), first_step_logits(exact, 1, 0, exact=False)
     )
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_greedy_generation_matches_the_int8_head(bundles, count):
+def test_greedy_generation_matches_the_int8_head(screen_bundles, count):
     """One sequence (screened), two and three (the int8 head) in one batch, with EOS
     ignored so the batch keeps its size."""
     rng = np.random.default_rng(11)
-    screened, exact = (load_bundle(b, quantized=True) for b in bundles)
+    screened, exact = (load_bundle(b, quantized=True) for b in screen_bundles)
     vocab = screened.config.vocab_size
     sources = [[*rng.integers(10, vocab, n).tolist(), 2] for n in (6, 11, 8)][:count]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -279,11 +267,11 @@ def test_greedy_generation_matches_the_int8_head(bundles, count):
         np.testing.assert_allclose(fast.logprobs, full.logprobs, atol=2e-2)
 
 
-def test_only_an_export_that_asks_for_it_screens_the_int8_head(checkpoint, tmp_path):
+def test_only_an_export_that_asks_for_it_screens_the_int8_head(screen_checkpoint, tmp_path):
     """``screen=None`` (``--screen-head auto``) screens the fp32 head when it is large
     enough, here always, and leaves the int8 head as it is."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(screen, "SCREEN_MIN_BYTES", 0)
-        export_bundle(checkpoint, tmp_path / "auto", quantize="int8")
+        export_bundle(screen_checkpoint, tmp_path / "auto", quantize="int8")
     assert load_bundle(tmp_path / "auto").screened
     assert not load_bundle(tmp_path / "auto", quantized=True).screened
