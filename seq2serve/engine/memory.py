@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import math
 import mmap
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Arrays of at least this many bytes from ``zeros`` are mappings of their own. Below it: the
 # small arrays of a step's inputs, which a mapping would only cost page faults.
