@@ -56,6 +56,7 @@ from seq2serve.bench_engines import proc_status, sources, status_mb
 from seq2serve.config import ModelConfig
 from seq2serve.engine.bundle import load_bundle
 from seq2serve.engine.generation import DecodeBatch, SamplingParams
+from seq2serve.engine.memory import map_large_blocks
 from seq2serve.engine.runtime import Backend, OnnxBackend
 from seq2serve.engine.scheduler import Engine, EngineLimits, lower_priority
 
@@ -775,6 +776,10 @@ def bench_serving(
     ct2_model: Path | None = None,
 ) -> dict[str, Any]:
     name = "int8" if quantized else "fp32"
+    # The baselines run under the server's allocator policy from the first round on (the
+    # engine sets it when it starts, in the server and here in round one's engine run): large
+    # blocks are mappings of their own, so a burst's buffers cost page faults on both sides.
+    map_large_blocks()
     bundle = load_bundle(cfg.model, quantized=quantized, device=cfg.device, threads=cfg.threads)
     backend = OnnxBackend(bundle)
     clients = cfg.server_clients

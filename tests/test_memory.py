@@ -76,30 +76,9 @@ def test_a_warm_engine_keeps_only_the_table_rows_it_looked_up(wide_bundle):
     assert resident_kb(table) <= 2 * rows * PAGE // 1024, (resident_kb(table), table_kb)
 
 
-def rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def test_a_large_array_goes_back_to_the_system_with_its_last_view():
-    """``memory.zeros`` of 64 MB is resident at once and unmapped when nothing holds it."""
-    before = rss_kb()
-    array = memory.zeros((16, 8, 2048, 64), np.float32)  # (B, H, C, D): 64 MB
-    view = array[8:]
-    made = rss_kb()
-    assert made - before > 60 * 1024, (before, made)
-    del array
-    assert rss_kb() > made - 1024  # the view holds the mapping
-    view[0, 0, 0, 0] = 1.0
-    del view
-    assert rss_kb() < before + 4 * 1024, (before, rss_kb())
-
-
-def test_large_arrays_go_back_to_the_system_whatever_malloc_keeps():
-    """After a 3 MB block is freed, glibc serves 2 MB blocks from the heap and keeps them
-    when freed; ``memory.zeros`` arrays are mappings of their own, returned at once."""
+def test_large_blocks_go_back_to_the_system_when_freed():
+    """After a 3 MB block is freed, glibc's default serves 2 MB blocks from the heap and keeps
+    them when freed; with ``map_large_blocks`` each is a mapping, returned at once."""
     script = textwrap.dedent(
         """
         import sys
@@ -111,13 +90,13 @@ def test_large_arrays_go_back_to_the_system_whatever_malloc_keeps():
                 if line.startswith("VmRSS"):
                     return int(line.split()[1])
 
-        make = np.zeros if sys.argv[1] == "malloc" else memory.zeros
+        if sys.argv[1] == "mapped":
+            memory.map_large_blocks()
         np.ones(3 << 20, np.uint8)  # freed at once: glibc raises its threshold past it
         keep = [np.zeros(1, np.uint8)]
         before = rss_kb()
         for _ in range(8):
-            block = make((2 << 20,), np.uint8)
-            block[:] = 1  # written: resident
+            block = np.ones(2 << 20, np.uint8)  # written: resident
             keep.append(np.zeros(64, np.uint8))  # a small block after it pins the heap top
             del block
         print(rss_kb() - before)
@@ -130,51 +109,9 @@ def test_large_arrays_go_back_to_the_system_whatever_malloc_keeps():
         )
         return int(out.stdout.split()[-1])
 
-    if kept_kb("malloc") < 1024:
+    if kept_kb("default") < 1024:
         pytest.skip("this allocator hands the blocks back by itself")
     assert kept_kb("mapped") < 1024
-
-
-def test_a_started_engine_leaves_mallocs_large_blocks_to_malloc():
-    """The serving process leaves glibc's threshold to glibc: blocks that calls make and free
-    (onnxruntime's activations) then reuse freed memory instead of being mapped and faulted
-    in afresh each time."""
-    script = textwrap.dedent(
-        """
-        import asyncio
-        import resource
-        import sys
-        import numpy as np
-        from seq2serve.engine.bundle import load_bundle
-        from seq2serve.engine.runtime import OnnxBackend
-        from seq2serve.engine.scheduler import Engine
-
-        def faults():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-        async def main():
-            bundle = load_bundle(sys.argv[1])
-            engine = Engine(OnnxBackend(bundle), bundle.tokenizer)
-            await engine.start()
-            for _ in range(3):
-                block = np.ones(1 << 20, np.float32)  # 4 MB, written and freed
-                del block
-            before = faults()
-            for _ in range(20):
-                block = np.ones(1 << 20, np.float32)
-                del block
-            print(faults() - before)
-            await engine.stop()
-
-        asyncio.run(main())
-        """
-    )
-    model = Path(__file__).resolve().parents[1] / "models" / "default"
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(model)], capture_output=True, text=True, check=True
-    )
-    # A mapping each time would fault in its 1,024 pages every time: 20,480.
-    assert int(out.stdout.split()[-1]) < 1024
 
 
 def _present(mode: str) -> float:
@@ -188,6 +125,7 @@ def _present(mode: str) -> float:
         import numpy as np
         from seq2serve.engine import memory
 
+        memory.map_large_blocks()
         if sys.argv[1] == "fallback":
             memory._madvise = None  # as where the kernel cannot populate
         elif sys.argv[1] == "refused":  # as a sandbox that forbids the call

@@ -236,8 +236,8 @@ def session_options(threads: int | None, arena: bool = False) -> ort.SessionOpti
     # token a row, at most the batch limit of rows; the step's log-softmax), so that the
     # arena's peak is one step's activations at the largest batch. Their large blocks (the
     # int32 and float logits of a batch, 3.7 MB each at 16 opus-mt-sized rows) are then
-    # reused from step to step, where malloc mapped each afresh when every block of 256 KB or
-    # more was a mapping of its own (batch-16 steps 5 to 8 % slower; see ``memory``).
+    # reused from step to step, where malloc would map each afresh under
+    # ``memory.map_large_blocks`` (batch-16 steps 5 to 8 % slower).
     opts.enable_mem_pattern = False
     opts.enable_cpu_mem_arena = arena
     return opts

@@ -389,7 +389,7 @@ class DecodeBatch:
         b = len(self.slots)
 
         def grown(old: np.ndarray) -> np.ndarray:
-            out = memory.zeros((b + n, *old.shape[1:]), old.dtype)
+            out = np.zeros((b + n, *old.shape[1:]), old.dtype)
             out[:b] = old
             return out
 
@@ -580,10 +580,9 @@ class DecodeBatch:
 
         A step's free slots keep their rows in ``logits``, and their logits are taken
         through the log-softmax and argmax with the others: picking the live rows out first
-        copied (B - 1, V) floats into a new mapping each step (when every block of 256 KB or
-        more was one: see ``memory``), and a batch-16 step with one free slot took 7.7 ms
-        against 6.0 ms with none (opus-mt-sized int8). A free slot's row may be NaN; rows are
-        independent."""
+        copied (B - 1, V) floats into a new mapping each step (``memory.map_large_blocks``),
+        and a batch-16 step with one free slot took 7.7 ms against 6.0 ms with none
+        (opus-mt-sized int8). A free slot's row may be NaN; rows are independent."""
         logprobs = self.log_softmax(logits)  # (B, V)
         greedy = np.argmax(logits, axis=-1)
         events = []

@@ -236,6 +236,7 @@ class Engine:
 
     async def start(self) -> None:
         """Start the worker and warm the model up; ``ready`` turns True at the end."""
+        memory.map_large_blocks()
         self._loop = asyncio.get_running_loop()
         self._running = self._accepting = True
         self._thread = threading.Thread(target=self._run, name="seq2serve-engine", daemon=True)
