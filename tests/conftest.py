@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,11 @@ import torch
 from seq2serve.config import ModelConfig
 from seq2serve.data.task import LANGUAGES, build_default_task, language_tags
 from seq2serve.data.tokenizer import train_tokenizer
+from seq2serve.engine.bundle import Bundle
+from seq2serve.engine.generation import DecodeBatch, SamplingParams, Sequence, run_to_completion
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export.bundle import export_bundle
+from seq2serve.export.screen import SCREEN_CANDIDATES
 from seq2serve.model.checkpoint import save_weights
 from seq2serve.model.transformer import Transformer
 
@@ -87,6 +91,36 @@ def first_step_logits(backend: OnnxBackend, rows: int, seed: int, exact: bool) -
         ids, np.zeros((rows, 1), np.int64), np.ones((rows, 1), np.int64), mask, empty, cross, exact
     )
     return out.logits[:, 0]
+
+
+def assert_screen_keeps_the_heads_choice(
+    screened: OnnxBackend, exact: OnnxBackend, rows: int, screen_error: tuple[float, float]
+) -> None:
+    """Over six random first steps of ``rows`` rows: the screened graph picks the argmax of
+    the head it screens, with that head's logit; its candidates' logits are the head's, and
+    the rest are the screen's, off by more than ``screen_error[0]`` (the screen was used)
+    and less than ``screen_error[1]``."""
+    for seed in range(6):
+        fast = first_step_logits(screened, rows, seed, exact=False)
+        full = first_step_logits(exact, rows, seed, exact=False)
+        picked = fast.argmax(-1)
+        assert (picked == full.argmax(-1)).all()
+        chosen = np.arange(rows), picked
+        np.testing.assert_allclose(fast[chosen], full[chosen], atol=1e-5)
+        assert ((np.abs(fast - full) <= 1e-5).sum(-1) >= SCREEN_CANDIDATES).all()
+        low, high = screen_error
+        assert low < np.abs(fast - full).max() < high
+
+
+def greedy_generations(bundles: Iterable[Bundle], sources: list[list[int]]) -> list[list[Sequence]]:
+    """Each bundle's 24-token greedy generations of ``sources`` in one batch, with EOS
+    ignored so that the batch keeps its size."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    runs = []
+    for bundle in bundles:
+        batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
+        runs.append(run_to_completion(batch, [batch.new_sequence(s, params) for s in sources]))
+    return runs
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,12 @@ from seq2serve.engine.generation import (
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import quantize, screen
 from seq2serve.export.bundle import export_bundle
-from tests.conftest import first_step_logits, largest_int8
+from tests.conftest import (
+    assert_screen_keeps_the_heads_choice,
+    first_step_logits,
+    greedy_generations,
+    largest_int8,
+)
 
 
 def test_the_screened_graph_keeps_the_contract_and_no_transposed_fp32_head(screen_bundles):
@@ -62,17 +67,9 @@ def test_the_screened_step_graph_loads_without_onnxruntime_warnings(screen_bundl
 @pytest.mark.parametrize("rows", [1, 5])
 def test_the_screen_picks_the_exact_argmax_and_its_exact_logit(screen_bundles, rows):
     screened, exact = (OnnxBackend(load_bundle(b)) for b in screen_bundles)
-    for seed in range(6):
-        fast = first_step_logits(screened, rows, seed, exact=False)
-        full = first_step_logits(exact, rows, seed, exact=False)
-        picked = fast.argmax(-1)
-        assert (picked == full.argmax(-1)).all()
-        # The candidates' logits are exact, the chosen one among them ...
-        chosen = np.arange(rows), picked
-        np.testing.assert_allclose(fast[chosen], full[chosen], atol=1e-5)
-        assert ((np.abs(fast - full) <= 1e-5).sum(-1) >= screen.SCREEN_CANDIDATES).all()
-        # ... and the rest come from the int8 screen: close, not equal (it was used).
-        assert 1e-6 < np.abs(fast - full).max() < 0.5
+    # The candidates' logits are exact, the chosen one among them, and the rest come from the
+    # int8 screen: close, not equal.
+    assert_screen_keeps_the_heads_choice(screened, exact, rows, screen_error=(1e-6, 0.5))
 
 
 @pytest.mark.parametrize("rows", [1, 4])  # the exact head's two forms: one row, several
@@ -108,12 +105,7 @@ def test_greedy_generation_matches_the_exact_head(screen_bundles):
     assert manifest["parity"]["fp32"]["decoder_step_screened_argmax_mismatches"] == 0
     rng = np.random.default_rng(7)
     sources = [[*rng.integers(10, screened.config.vocab_size, n).tolist(), 2] for n in (5, 9, 14)]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    runs = []
-    for bundle in (screened, exact):
-        batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
-        runs.append(run_to_completion(batch, [batch.new_sequence(s, params) for s in sources]))
-    for fast, full in zip(*runs, strict=True):
+    for fast, full in zip(*greedy_generations((screened, exact), sources), strict=True):
         assert fast.generated == full.generated
         # The normalizer of each log-probability sums the screen's int8 logits: off by
         # about 1e-3 on this tiny model, whose 400 tokens' probabilities are nearly flat.

@@ -17,12 +17,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from seq2serve import contract
 from seq2serve.engine.bundle import load_bundle, session_options
-from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_completion
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.export import screen
 from seq2serve.export.bundle import export_bundle
 from seq2serve.export.quantize import EMBED_INT8, EMBED_SCALE, SATURATION_FREE_WEIGHT
-from tests.conftest import first_step_logits
+from tests.conftest import (
+    assert_screen_keeps_the_heads_choice,
+    first_step_logits,
+    greedy_generations,
+)
 
 
 def _backends(bundles) -> tuple[OnnxBackend, OnnxBackend]:
@@ -205,15 +208,8 @@ def test_the_screened_int8_step_graph_loads_without_onnxruntime_warnings(screen_
 @pytest.mark.parametrize("rows", range(1, screen.INT4_SCREEN_MAX_ROWS + 1))
 def test_the_screen_picks_the_int8_heads_argmax_and_logit(screen_bundles, rows):
     screened, exact = _backends(screen_bundles)
-    for seed in range(6):
-        fast = first_step_logits(screened, rows, seed, exact=False)
-        full = first_step_logits(exact, rows, seed, exact=False)
-        picked = fast.argmax(-1)
-        assert (picked == full.argmax(-1)).all()
-        chosen = np.arange(rows), picked
-        np.testing.assert_allclose(fast[chosen], full[chosen], atol=1e-5)
-        assert ((np.abs(fast - full) <= 1e-5).sum(-1) >= screen.SCREEN_CANDIDATES).all()
-        assert 1e-4 < np.abs(fast - full).max() < 2.0  # the rest are the 4-bit screen's
+    # the logits outside the candidates are the 4-bit screen's
+    assert_screen_keeps_the_heads_choice(screened, exact, rows, screen_error=(1e-4, 2.0))
 
 
 @pytest.mark.parametrize("rows", [screen.INT4_SCREEN_MAX_ROWS + 1, 5])
@@ -256,12 +252,7 @@ def test_greedy_generation_matches_the_int8_head(screen_bundles, count):
     screened, exact = (load_bundle(b, quantized=True) for b in screen_bundles)
     vocab = screened.config.vocab_size
     sources = [[*rng.integers(10, vocab, n).tolist(), 2] for n in (6, 11, 8)][:count]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    runs = []
-    for bundle in (screened, exact):
-        batch = DecodeBatch(OnnxBackend(bundle), bundle.tokenizer)
-        runs.append(run_to_completion(batch, [batch.new_sequence(s, params) for s in sources]))
-    for fast, full in zip(*runs, strict=True):
+    for fast, full in zip(*greedy_generations((screened, exact), sources), strict=True):
         assert fast.generated == full.generated
         # a screened step's log-probabilities take their normalizer over the 4-bit logits
         np.testing.assert_allclose(fast.logprobs, full.logprobs, atol=2e-2)
