@@ -1050,20 +1050,12 @@ def _run(cfg: BenchConfig, progress: Progress, tmp: Path) -> dict[str, Any]:
     int8 = (cfg.model / contract.onnx_file(contract.ENCODER_FILE, True)).exists()
     precisions = [False, *([True] if int8 else [])]
     for quantized in precisions:
-        name = "int8" if quantized else "fp32"
-        n = step_bytes(cfg.model, quantized, bundle.config, cfg.source_tokens, past)
-        floor[name] = {"bytes_per_step": n, "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3)}
-    for quantized in precisions:  # what the engine's screened steps read instead
-        if screened_step(cfg.model, quantized):
-            n = step_bytes(
-                cfg.model,
-                quantized,
-                bundle.config,
-                cfg.source_tokens,
-                past,
-                contract.DECODER_STEP_FILE,
-            )
-            floor[SCREENED_INT8 if quantized else SCREENED] = {
+        files = {"int8" if quantized else "fp32": contract.DECODER_FILE}
+        if screened_step(cfg.model, quantized):  # what the engine's steps read instead
+            files[SCREENED_INT8 if quantized else SCREENED] = contract.DECODER_STEP_FILE
+        for name, file in files.items():
+            n = step_bytes(cfg.model, quantized, bundle.config, cfg.source_tokens, past, file)
+            floor[name] = {
                 "bytes_per_step": n,
                 "floor_ms": round(n / floor["bandwidth_gb_s"] / 1e6, 3),
             }

@@ -204,10 +204,11 @@ def export_bundle(
             tie_int8_embedding(variants[True], contract.DECODER_FILE)
         elif quantize is not None:
             raise ValueError(f"--quantize must be int8, got {quantize!r}")
+        screen_fp32 = wants_screen(cfg.vocab_size, cfg.d_model) if screen is None else screen
         for quantized, graphs in variants.items():
             step = step_graph(graphs[contract.DECODER_FILE], cfg)
             if not quantized:
-                if wants_screen(cfg.vocab_size, cfg.d_model) if screen is None else screen:
+                if screen_fp32:
                     log.info("screening the fp32 step graph's LM head in int8")
                     screen_head(step)
             elif screen and int8_screen_fits(cfg.d_model):
