@@ -270,6 +270,81 @@ def test_a_first_token_reaches_its_stream_before_the_next_call(parts):
     assert run(go, parts) == 0
 
 
+def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts):
+    """A step ended two sequences; one client is back at once, the other 50 ms later. With
+    a grace far longer than that, the first request's join waits for the second, and both
+    join in one prefill. (Without the wait, the first joins alone, a turn ahead.)"""
+    params = SamplingParams(max_new_tokens=3)
+    ids = [parts[1].encode(t).ids for t in TEXTS[:2]]
+
+    async def go(engine, _):
+        engine.return_grace_s = 5.0  # the wait, not its bound, is under test
+        joins = []
+        add = engine.batch.add
+
+        def recording_add(seqs):
+            joins.append(sorted(s.id for s in seqs))
+            return add(seqs)
+
+        engine.batch.add = recording_add
+        with engine._lock:  # as a step that ended two sequences leaves it
+            engine._returning = 2
+            engine._return_deadline = time.monotonic() + engine.return_grace_s
+        first = engine.generate_stream(ids[0], params)
+        await asyncio.sleep(0.05)
+        second = engine.generate_stream(ids[1], params)
+        done = [await first.result(), await second.result()]
+        return joins, done
+
+    joins, done = run(go, parts)
+    assert joins == [sorted(s.id for s in done)]
+    for seq, text in zip(done, TEXTS, strict=False):
+        assert seq.generated == alone(parts, text, params)
+
+
+def test_a_client_back_after_its_own_sequence_ended_waits_for_nothing(parts):
+    """The step that ends a sequence expects its client back; the client's next request is
+    that return, so its join waits for no one else (a grace of 5 s would show)."""
+    params = SamplingParams(max_new_tokens=3)
+    ids = parts[1].encode(TEXTS[0]).ids
+
+    async def go(engine, _):
+        engine.return_grace_s = 5.0
+        await engine.generate_stream(ids, params).result()
+        with engine._lock:
+            expected = engine._returning
+        started = time.monotonic()
+        async for _ in engine.generate_stream(ids, params):
+            return expected, time.monotonic() - started
+
+    expected, first_token_s = run(go, parts)
+    assert expected == 1
+    assert first_token_s < 2.5
+
+
+def test_a_client_back_while_its_last_token_is_handed_over_waits_for_nothing(parts):
+    """A step for two streams hands its tokens over and waits for the event loop; a client
+    whose sequence that step ended sends its next request right then. It is counted back,
+    so its join waits for no one (a grace of 5 s would show)."""
+    params = SamplingParams(max_new_tokens=3)
+    ids = [parts[1].encode(t).ids for t in TEXTS[:2]]
+
+    async def go(engine, _):
+        engine.return_grace_s = engine.handoff_timeout_s = 5.0
+        other = engine.generate_stream(ids[1], SamplingParams(max_new_tokens=40, ignore_eos=True))
+        async for _ in other:  # in the batch: the steps below are for two streams
+            break
+        await engine.generate_stream(ids[0], params).result()
+        started = time.monotonic()
+        async for _ in engine.generate_stream(ids[0], params):
+            first_token_s = time.monotonic() - started
+            break
+        await other.result()
+        return first_token_s
+
+    assert run(go, parts) < 2.5
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 @pytest.mark.parametrize(
     ("nice", "auto_min_s", "expected"),
