@@ -302,6 +302,28 @@ def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts)
         assert seq.generated == alone(parts, text, params)
 
 
+def test_a_beam_search_request_counts_as_a_client_back(parts):
+    """Beam search runs beside the batch, but its request is still one of the clients a
+    join may wait for: with two expected and a beam request back, the next greedy request
+    is the second, and its join waits for no one (a grace of 5 s would show)."""
+    ids = [parts[1].encode(t).ids for t in TEXTS[:2]]
+
+    async def go(engine, _):
+        engine.return_grace_s = 5.0
+        with engine._lock:  # as a step that ended two sequences leaves it
+            engine._returning = 2
+            engine._return_deadline = time.monotonic() + engine.return_grace_s
+        beams = engine.generate_stream(ids[0], SamplingParams(max_new_tokens=3, num_beams=2))
+        started = time.monotonic()
+        async for _ in engine.generate_stream(ids[1], SamplingParams(max_new_tokens=3)):
+            first_token_s = time.monotonic() - started
+            break
+        await beams.result()
+        return first_token_s
+
+    assert run(go, parts) < 2.5
+
+
 def test_a_client_back_after_its_own_sequence_ended_waits_for_nothing(parts):
     """The step that ends a sequence expects its client back; the client's next request is
     that return, so its join waits for no one else (a grace of 5 s would show)."""

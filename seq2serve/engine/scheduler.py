@@ -320,12 +320,12 @@ class Engine:
         stream = GenerationStream(self, self.batch.new_sequence(source_ids, params), self._loop)
         with self._lock:
             self._admit()
+            self._returning = max(0, self._returning - 1)  # a client back (``_await_returns``)
             if params.num_beams > 1:
                 self._beams += 1
                 self._beam_pool.submit(self._run_beam, stream)
             else:
                 self._pending.append(stream)
-                self._returning = max(0, self._returning - 1)
                 self._wake.notify()
         self._gauge_queue()
         return stream
