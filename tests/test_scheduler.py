@@ -270,6 +270,14 @@ def test_a_first_token_reaches_its_stream_before_the_next_call(parts):
     assert run(go, parts) == 0
 
 
+def expect_clients_back(engine, n):
+    """Leave the engine as a step that ended ``n`` sequences leaves it: a join waits up to
+    ``return_grace_s`` for their clients' next requests."""
+    with engine._lock:
+        engine._returning = n
+        engine._return_deadline = time.monotonic() + engine.return_grace_s
+
+
 def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts):
     """A step ended two sequences; one client is back at once, the other 50 ms later. With
     a grace far longer than that, the first request's join waits for the second, and both
@@ -287,9 +295,7 @@ def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts)
             return add(seqs)
 
         engine.batch.add = recording_add
-        with engine._lock:  # as a step that ended two sequences leaves it
-            engine._returning = 2
-            engine._return_deadline = time.monotonic() + engine.return_grace_s
+        expect_clients_back(engine, 2)
         first = engine.generate_stream(ids[0], params)
         await asyncio.sleep(0.05)
         second = engine.generate_stream(ids[1], params)
@@ -310,9 +316,7 @@ def test_a_beam_search_request_counts_as_a_client_back(parts):
 
     async def go(engine, _):
         engine.return_grace_s = 5.0
-        with engine._lock:  # as a step that ended two sequences leaves it
-            engine._returning = 2
-            engine._return_deadline = time.monotonic() + engine.return_grace_s
+        expect_clients_back(engine, 2)
         beams = engine.generate_stream(ids[0], SamplingParams(max_new_tokens=3, num_beams=2))
         started = time.monotonic()
         async for _ in engine.generate_stream(ids[1], SamplingParams(max_new_tokens=3)):
