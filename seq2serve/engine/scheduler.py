@@ -394,14 +394,14 @@ class Engine:
         25.5 / 36.1, p50 7.8 / 7.8 / 11.8 against 8.9 / 9.1 / 12.0, tokens/s 2,088 / 2,045 /
         1,521 against 1,933 / 2,040 / 1,456 (the third pair on a slower spell of the host).
         fp32: within the host's spread (p95 30.9 / 27.1 / 37.8 against 33.9 / 34.4 / 20.7)."""
-        if self._pending:
-            while (
-                self._returning
-                and len(self._pending) < free
-                and self._running
-                and (left := self._return_deadline - time.monotonic()) > 0
-            ):
-                self._wake.wait(left)
+        while (
+            self._pending
+            and self._returning
+            and len(self._pending) < free
+            and self._running
+            and (left := self._return_deadline - time.monotonic()) > 0
+        ):
+            self._wake.wait(left)
         self._returning = 0
 
     def _has_work(self) -> bool:
@@ -512,8 +512,9 @@ class Engine:
         if self.metrics:
             self.metrics.batch_size.labels("generate").observe(rows)
         # Counted before the tokens go out: a client may be back before ``_publish`` returns.
+        # (The count is 0 here: each turn's ``_await_returns`` ended with it.)
         finished = sum(e.finish_reason is not None and not e.error for e in events)
-        if finished or self._returning:
+        if finished:
             with self._lock:
                 self._returning = finished
         self._publish(events, now)
