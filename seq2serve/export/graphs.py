@@ -19,6 +19,7 @@ from torch.export import Dim
 from seq2serve import contract
 from seq2serve.config import ModelConfig
 from seq2serve.export import dropping
+from seq2serve.export.fuse import fold_head_transposes, fuse_projections
 from seq2serve.model.cache import KV, KVCache
 from seq2serve.model.transformer import Transformer
 
@@ -93,7 +94,8 @@ def _example_inputs(model: Transformer) -> tuple[tuple[Tensor, ...], tuple[Tenso
 
 
 def export_graphs(model: Transformer, out_dir: Path) -> None:
-    """Export encoder.onnx and decoder.onnx (weights inline; ``bundle`` moves them out)."""
+    """Export encoder.onnx and decoder.onnx (weights inline; ``bundle`` moves them out), the
+    decoder with each self-attention's projections fused (``fuse.fuse_projections``)."""
     model = model.eval()
     cfg = model.cfg
     enc_args, dec_args = _example_inputs(model)
@@ -153,6 +155,8 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
                 verbose=False,
             )
         proto = program.model_proto
+        if file == contract.DECODER_FILE:
+            fuse_projections(proto)
         _name_axes(proto, inputs, outputs)
         onnx.save_model(proto, str(out_dir / file))
 
@@ -161,7 +165,9 @@ def step_graph(decoder: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
     """``decoder_step.onnx`` from ``decoder.onnx``: each ``Concat(past, new)`` of the
     self-attention cache becomes ``TensorScatter(past, new, write_indices)``, which writes the
     new column into the buffer instead of copying the past into a wider one (see
-    ``contract.decoder_step_inputs``). Everything else, weights included, is the decoder's.
+    ``contract.decoder_step_inputs``), and its heads are split and merged by reshapes alone
+    (``fuse.fold_head_transposes``: one token a row). Everything else, weights included, is
+    the decoder's.
 
     The causal mask stays right over a buffer wider than the tokens written so far: for one
     new token its triangle covers the whole buffer, and the mask input hides the columns
@@ -186,6 +192,7 @@ def step_graph(decoder: onnx.ModelProto, cfg: ModelConfig) -> onnx.ModelProto:
             rewritten += 1
     if rewritten != len(past):
         raise ValueError(f"{rewritten} cache Concat nodes for {len(past)} cache inputs")
+    fold_head_transposes(proto, cfg.n_heads, cfg.head_dim)
     graph.input.append(
         onnx.helper.make_tensor_value_info(
             contract.WRITE_INDICES, onnx.TensorProto.INT64, [contract.BATCH]

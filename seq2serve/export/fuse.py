@@ -1,0 +1,174 @@
+"""Graph rewrites that take nodes off every decode step, computing the same values.
+
+At batch 1 an opus-mt-sized int8 step is about 2 ms for 229 onnxruntime nodes (once
+onnxruntime has fused what it fuses), and a node costs its dispatch whatever its size. Two
+rewrites take 48 of them off (54 of 306 in fp32), and neither changes a result:
+
+- ``fuse_projections``: the query, key and value projections of a self-attention read the
+  same activation. One MatMul over their weights side by side, one bias Add and a Split
+  replace three MatMuls and three Adds; in int8, one DynamicQuantizeMatMul replaces a
+  DynamicQuantizeLinear and three MatMulIntegerToFloat. The weights are quantized per
+  output channel, so the int8 results are the same bits.
+- ``fold_head_transposes``: with one new token a row, splitting a (B, 1, C) projection into
+  heads, (B, H, 1, D), and merging heads back are reshapes of the same memory, where the
+  exported graph has a Reshape and a Transpose each way. Each pair becomes one Reshape,
+  which onnxruntime runs in place.
+
+Both are for the decoder only. An encoder call has many rows, and there the Split's copy of
+the fused projections costs more than the dispatches it saves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Swaps the token and head axes: (B, T, H, D) <-> (B, H, T, D).
+HEAD_SWAP = [0, 2, 1, 3]
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _projection(
+    node: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    graph_outputs: set[str],
+) -> tuple[onnx.NodeProto, str] | None:
+    """``node``'s bias Add and the bias's name, when ``node`` is ``x @ W + b`` with W a 2-D
+    float initializer, b a 1-D one and the product read by the Add alone."""
+    if node.op_type != "MatMul" or node.input[1] not in inits:
+        return None
+    weight = inits[node.input[1]]
+    if len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+        return None
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or node.output[0] in graph_outputs:
+        return None
+    (bias,) = [name for name in users[0].input if name != node.output[0]] or [None]
+    if bias not in inits or list(inits[bias].dims) != [weight.dims[1]]:
+        return None
+    return users[0], bias
+
+
+def fuse_projections(model: onnx.ModelProto) -> int:
+    """Replace the ``x @ W_i + b_i`` that read the same ``x`` by one ``x @ [W_1 .. W_n] +
+    [b_1 .. b_n]`` split into the same outputs; returns how many groups were fused."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    groups: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto, str]]] = {}
+    for node in graph.node:
+        found = _projection(node, inits, consumers, graph_outputs)
+        if found is not None:
+            groups.setdefault(node.input[0], []).append((node, *found))
+    groups = {x: members for x, members in groups.items() if len(members) > 1}
+
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # first member's MatMul -> new nodes
+    dropped: set[int] = set()
+    for x, members in groups.items():
+        weights = [numpy_helper.to_array(inits[mm.input[1]]) for mm, _, _ in members]
+        biases = [numpy_helper.to_array(inits[bias]) for _, _, bias in members]
+        name = members[0][0].name + ".fused"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.concatenate(weights, axis=1), name + ".weight"),
+                numpy_helper.from_array(np.concatenate(biases), name + ".bias"),
+                numpy_helper.from_array(
+                    np.array([w.shape[1] for w in weights], np.int64), name + ".split"
+                ),
+            ]
+        )
+        replaced[id(members[0][0])] = [
+            helper.make_node("MatMul", [x, name + ".weight"], [name + ".mm"], name=name + ".mm"),
+            helper.make_node(
+                "Add", [name + ".mm", name + ".bias"], [name + ".add"], name=name + ".add"
+            ),
+            helper.make_node(
+                "Split",
+                [name + ".add", name + ".split"],
+                [add.output[0] for _, add, _ in members],
+                axis=-1,
+                name=name + ".split",
+            ),
+        ]
+        dropped.update(id(n) for mm, add, _ in members for n in (mm, add))
+
+    # The fused nodes take the place of the group's first MatMul: x is ready there, and
+    # whatever reads a member's output came after that member, so after this place.
+    nodes = []
+    for node in graph.node:
+        nodes.extend(replaced.get(id(node), []))
+        if id(node) not in dropped:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(groups)
+
+
+def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> int:
+    """In a one-token step graph, make each head split (Reshape to (B, 1, H, D), then
+    Transpose) one Reshape to (B, H, 1, D), and drop each head merge's Transpose before its
+    Reshape to (B, 1, C); returns how many Transposes went.
+
+    A split is recognized by what reads it (an Attention's query, or the keys/values a
+    TensorScatter writes into the cache), a merge by what it reads (an Attention's output).
+    The new shape spells the token axis as 1, so a call with more than one new token a row
+    fails in the Reshape instead of mixing heads and tokens.
+    """
+    graph = step.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+    shape = "step.heads_shape"
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([0, n_heads, 1, head_dim], np.int64), shape)
+    )
+    dropped: set[int] = set()
+    for node in graph.node:
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if node.op_type != "Transpose" or perm != [HEAD_SWAP] or node.output[0] in graph_outputs:
+            continue
+        source = producers.get(node.input[0])
+        users = consumers.get(node.output[0], [])
+        reads_heads = users and all(
+            (u.op_type == "Attention" and u.input[0] == node.output[0])
+            or (u.op_type == "TensorScatter" and u.input[1] == node.output[0])
+            for u in users
+        )
+        if (
+            reads_heads
+            and source is not None
+            and source.op_type == "Reshape"
+            and len(consumers[source.output[0]]) == 1
+            and source.output[0] not in graph_outputs
+        ):
+            node.op_type = "Reshape"
+            del node.attribute[:]
+            node.input[:] = [source.input[0], shape]
+            dropped.add(id(source))
+        elif (
+            source is not None
+            and source.op_type == "Attention"
+            and users
+            and all(u.op_type == "Reshape" and u.input[0] == node.output[0] for u in users)
+        ):
+            for u in users:
+                u.input[0] = node.input[0]
+            dropped.add(id(node))
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(dropped)
