@@ -1,5 +1,5 @@
-"""The decoder graphs' rewrites (``seq2serve.export.fuse``) compute what the exported graphs
-computed: the graphs with and without each rewrite, on the same inputs."""
+"""The graph rewrites (``seq2serve.export.fuse``) compute what the exported graphs computed:
+the graphs with and without each rewrite, on the same inputs."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ from seq2serve.model.checkpoint import load_model
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory) -> tuple[Path, onnx.ModelProto]:
     """The tiny model's decoder.onnx as the exporter writes it, before any rewrite, and the
-    directory it was written to."""
+    directory it was written to (with encoder.onnx, also unrewritten)."""
     model, _ = load_model(tiny_checkpoint)
     out = tmp_path_factory.mktemp("raw")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(graphs, "fuse_projections", lambda proto: 0)
+        patch.setattr(graphs, "attend_unsplit", lambda proto, n_heads: 0)
         graphs.export_graphs(model, out)
     return out, onnx.load(str(out / contract.DECODER_FILE))
 
@@ -158,8 +159,28 @@ def test_a_step_of_two_tokens_a_row_is_refused_not_garbled(steps, cfg):
         _run(folded, feeds)
 
 
+def test_the_encoder_attends_over_unsplit_heads(exported, cfg):
+    raw, _ = exported
+    split = onnx.load(str(raw / contract.ENCODER_FILE))
+    unsplit = _copy(split)
+    assert fuse.attend_unsplit(unsplit, cfg.n_heads) == cfg.n_encoder_layers
+    # Each self-attention's query, key, value and output went; the cross-attention keys and
+    # values the encoder returns keep their (B, H, S, D) layout.
+    assert _head_swaps(split) == 4 * cfg.n_encoder_layers + 2 * cfg.n_decoder_layers
+    assert _head_swaps(unsplit) == 2 * cfg.n_decoder_layers
+    onnx.checker.check_model(unsplit, full_check=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, cfg.vocab_size, (3, 9))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for want, got in zip(_run(split, feeds), _run(unsplit, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
-def test_the_bundle_carries_both_rewrites(tiny_bundle, cfg, quantized):
+def test_the_bundle_carries_the_rewrites(tiny_bundle, cfg, quantized):
     def graph(file: str) -> onnx.ModelProto:
         path = tiny_bundle / contract.onnx_file(file, quantized)
         return onnx.load(str(path), load_external_data=False)
@@ -170,5 +191,6 @@ def test_the_bundle_carries_both_rewrites(tiny_bundle, cfg, quantized):
     for file in (contract.DECODER_FILE, contract.DECODER_STEP_FILE):
         assert splits(file) == cfg.n_decoder_layers
     assert splits(contract.ENCODER_FILE) == 0
+    assert _head_swaps(graph(contract.ENCODER_FILE)) == 2 * cfg.n_decoder_layers
     assert _head_swaps(graph(contract.DECODER_STEP_FILE)) == 0
     assert _head_swaps(graph(contract.DECODER_FILE)) == 6 * cfg.n_decoder_layers

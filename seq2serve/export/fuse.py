@@ -1,21 +1,26 @@
-"""Graph rewrites that take nodes off every decode step, computing the same values.
+"""Graph rewrites that take nodes off the exported graphs, computing the same values.
 
 At batch 1 an opus-mt-sized int8 step is about 2 ms for 229 onnxruntime nodes (once
 onnxruntime has fused what it fuses), and a node costs its dispatch whatever its size. Two
-rewrites take 48 of them off (54 of 306 in fp32), and neither changes a result:
+rewrites of the decoder take 48 of them off (54 of 306 in fp32), and a third takes the head
+transposes off the encoder's self-attention. None changes a result:
 
-- ``fuse_projections``: the query, key and value projections of a self-attention read the
-  same activation. One MatMul over their weights side by side, one bias Add and a Split
-  replace three MatMuls and three Adds; in int8, one DynamicQuantizeMatMul replaces a
+- ``fuse_projections`` (decoder): the query, key and value projections of a self-attention
+  read the same activation. One MatMul over their weights side by side, one bias Add and a
+  Split replace three MatMuls and three Adds; in int8, one DynamicQuantizeMatMul replaces a
   DynamicQuantizeLinear and three MatMulIntegerToFloat. The weights are quantized per
-  output channel, so the int8 results are the same bits.
-- ``fold_head_transposes``: with one new token a row, splitting a (B, 1, C) projection into
-  heads, (B, H, 1, D), and merging heads back are reshapes of the same memory, where the
-  exported graph has a Reshape and a Transpose each way. Each pair becomes one Reshape,
-  which onnxruntime runs in place.
-
-Both are for the decoder only. An encoder call has many rows, and there the Split's copy of
-the fused projections costs more than the dispatches it saves.
+  output channel, so the int8 results are the same bits. The encoder keeps its projections
+  apart: a call has many rows there, and the Split's copy costs more than the dispatches
+  it saves.
+- ``fold_head_transposes`` (the one-token step graph): with one new token a row, splitting
+  a (B, 1, C) projection into heads, (B, H, 1, D), and merging heads back are reshapes of
+  the same memory, where the exported graph has a Reshape and a Transpose each way. Each
+  pair becomes one Reshape, which onnxruntime runs in place.
+- ``attend_unsplit`` (encoder): ONNX's Attention takes queries, keys and values as
+  (B, S, C) with the number of heads as attributes, and then returns (B, S, C). The encoder's
+  self-attention reads its projections as they come, without the Reshape and Transpose
+  that split each into heads, nor the Transpose that merged its output. (The decoder's
+  attentions read 4-D caches, and onnxruntime wants queries of the keys' rank.)
 """
 
 from __future__ import annotations
@@ -172,3 +177,74 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
     del graph.node[:]
     graph.node.extend(kept)
     return len(dropped)
+
+
+def _head_split(
+    name: str, producers: dict[str, onnx.NodeProto]
+) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The (Reshape to (B, S, H, D), Transpose to (B, H, S, D)) pair that makes ``name``."""
+    swap = producers.get(name)
+    if swap is None or swap.op_type != "Transpose":
+        return None
+    if [list(a.ints) for a in swap.attribute if a.name == "perm"] != [HEAD_SWAP]:
+        return None
+    view = producers.get(swap.input[0])
+    return (view, swap) if view is not None and view.op_type == "Reshape" else None
+
+
+def attend_unsplit(model: onnx.ModelProto, n_heads: int) -> int:
+    """Give each Attention whose query, key and value are head splits of (B, S, C) tensors,
+    and whose output is merged back by a Transpose and a Reshape, those tensors and
+    ``n_heads`` instead; returns how many Attentions were rewritten."""
+    graph = model.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    consumers = _consumers(graph)
+    graph_outputs = {o.name for o in graph.output}
+
+    def only_for(made: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
+        return made.output[0] not in graph_outputs and all(
+            r is reader for r in consumers[made.output[0]]
+        )
+
+    dropped: set[int] = set()
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type != "Attention" or any(a.name.endswith("num_heads") for a in node.attribute):
+            continue
+        found = [_head_split(name, producers) for name in node.input[:3]]
+        splits = [s for s in found if s is not None]
+        users = consumers.get(node.output[0], [])
+        if len(splits) != 3 or len(users) != 1:
+            continue
+        merge = users[0]
+        merged = consumers.get(merge.output[0], [])
+        if (
+            merge.op_type != "Transpose"
+            or [list(a.ints) for a in merge.attribute if a.name == "perm"] != [HEAD_SWAP]
+            or not merged
+            or any(u.op_type != "Reshape" or u.input[0] != merge.output[0] for u in merged)
+        ):
+            continue
+        for i, (view, swap) in enumerate(splits):
+            node.input[i] = view.input[0]
+            if only_for(swap, node) and only_for(view, swap):
+                dropped.update((id(view), id(swap)))
+        node.attribute.extend(
+            [
+                helper.make_attribute("q_num_heads", n_heads),
+                helper.make_attribute("kv_num_heads", n_heads),
+            ]
+        )
+        for reshape in merged:  # to (B, S, C), which the output already is: done in place
+            reshape.input[0] = node.output[0]
+        dropped.add(id(merge))
+        rewritten += 1
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    # The shapes the exporter inferred for the rewritten outputs were 4-D.
+    outputs = {name for n in kept if n.op_type == "Attention" for name in n.output}
+    shapes = [v for v in graph.value_info if v.name not in outputs]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
+    return rewritten

@@ -19,7 +19,7 @@ from torch.export import Dim
 from seq2serve import contract
 from seq2serve.config import ModelConfig
 from seq2serve.export import dropping
-from seq2serve.export.fuse import fold_head_transposes, fuse_projections
+from seq2serve.export.fuse import attend_unsplit, fold_head_transposes, fuse_projections
 from seq2serve.model.cache import KV, KVCache
 from seq2serve.model.transformer import Transformer
 
@@ -95,7 +95,8 @@ def _example_inputs(model: Transformer) -> tuple[tuple[Tensor, ...], tuple[Tenso
 
 def export_graphs(model: Transformer, out_dir: Path) -> None:
     """Export encoder.onnx and decoder.onnx (weights inline; ``bundle`` moves them out), the
-    decoder with each self-attention's projections fused (``fuse.fuse_projections``)."""
+    decoder with each self-attention's projections fused (``fuse.fuse_projections``), the
+    encoder's self-attention over unsplit heads (``fuse.attend_unsplit``)."""
     model = model.eval()
     cfg = model.cfg
     enc_args, dec_args = _example_inputs(model)
@@ -157,6 +158,8 @@ def export_graphs(model: Transformer, out_dir: Path) -> None:
         proto = program.model_proto
         if file == contract.DECODER_FILE:
             fuse_projections(proto)
+        else:
+            attend_unsplit(proto, cfg.n_heads)
         _name_axes(proto, inputs, outputs)
         onnx.save_model(proto, str(out_dir / file))
 
