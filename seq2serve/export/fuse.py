@@ -138,9 +138,6 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
     consumers = _consumers(graph)
     graph_outputs = {o.name for o in graph.output}
     shape = "step.heads_shape"
-    graph.initializer.append(
-        numpy_helper.from_array(np.array([0, n_heads, 1, head_dim], np.int64), shape)
-    )
     dropped: set[int] = set()
     for node in graph.node:
         perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
@@ -173,6 +170,10 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
             for u in users:
                 u.input[0] = node.input[0]
             dropped.add(id(node))
+    if any(n.op_type == "Reshape" and shape in n.input for n in graph.node):
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([0, n_heads, 1, head_dim], np.int64), shape)
+        )
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
