@@ -237,18 +237,43 @@ def server(cfg: ReliabilityConfig, **env: str) -> Iterator[tuple[subprocess.Pope
 # Inputs and a streaming client
 
 
-def text_of_tokens(tokenizer: Tokenizer, n: int) -> str:
-    """A text the tokenizer turns into exactly ``n`` ids (its end-of-sequence id included).
+# Texts repeated to make an input of a given length: digits first (one token each with the
+# default model's byte-level BPE), then letters and punctuation for tokenizers that merge
+# digits (a SentencePiece vocabulary like opus-mt's has pieces of several digits).
+FILLERS = ("0123456789", "a", "x", ". ", "a ")
 
-    Digits are single tokens here, so n - 1 digits make n ids; checked, since a tokenizer
-    could merge them."""
+
+def _repeated(filler: str, chars: int) -> str:
+    return (filler * (chars // len(filler) + 1))[:chars]
+
+
+def text_of_tokens(tokenizer: Tokenizer, n: int) -> str:
+    """A text the tokenizer turns into exactly ``n`` ids (its special tokens included): the
+    first filler whose repetitions can be counted out to ``n`` ids, as the tokenizer
+    itself counts them."""
     if n < 2:
         raise ValueError("a non-empty text is at least 2 ids (one token and end-of-sequence)")
-    text = "".join(str(i % 10) for i in range(n - 1))
-    got = len(tokenizer.encode(text).ids)
-    if got != n:
-        raise ValueError(f"{n - 1} digits gave {got} ids, not {n}: pick another filler")
-    return text
+    for filler in FILLERS:
+        k = max(1, n - len(tokenizer.encode(_repeated(filler, 1)).ids) + 1)
+        for _ in range(4):  # each try moves by what the last one missed
+            got = len(tokenizer.encode(_repeated(filler, k)).ids)
+            if got == n:
+                return _repeated(filler, k)
+            k += n - got
+            if k < 1:
+                break
+    raise ValueError(f"no filler text makes exactly {n} ids with this tokenizer")
+
+
+def texts_by_length(tokenizer: Tokenizer, longest: int) -> dict[int, str]:
+    """A text for each length from 2 ids to ``longest`` that the tokenizer can give: one
+    that starts every text with a word-start piece of its own (a SentencePiece ``▁``) has no
+    text of 2 ids."""
+    out = {}
+    for n in range(2, longest + 1):
+        with contextlib.suppress(ValueError):
+            out[n] = text_of_tokens(tokenizer, n)
+    return out
 
 
 @dataclass
@@ -329,7 +354,7 @@ class Prompt:
 
 
 def prompt_pool(tokenizer: Tokenizer, max_input: int, seed: int = 0) -> list[Prompt]:
-    """Varied input lengths (task phrases, and digit strings up to the limit) and varied
+    """Varied input lengths (task phrases, and filler texts up to the limit) and varied
     output lengths."""
     rng = random.Random(seed)
     lengths = [8, 24, 64, 160, max_input // 2, max_input]
@@ -438,6 +463,9 @@ class _Soak:
     lengths: set[int] = field(default_factory=set)
 
 
+SOAK_KINDS = ("encode", "classify", "generate", "stream")
+
+
 async def _soak_traffic(
     url: str,
     texts: dict[int, str],
@@ -446,15 +474,17 @@ async def _soak_traffic(
     seconds: float,
     state: _Soak,
     seed: int,
+    kinds: tuple[str, ...],
 ) -> None:
     deadline = time.monotonic() + seconds
     labels = ("first", "mean")
+    sizes = sorted(texts)
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
         rng = random.Random(seed * 1000 + i)
         while time.monotonic() < deadline:
-            kind = rng.choice(("encode", "classify", "generate", "stream"))
-            lengths = [rng.randint(2, max_input) for _ in range(rng.randint(1, 4))]
+            kind = rng.choice(kinds)
+            lengths = [rng.choice(sizes) for _ in range(rng.randint(1, 4))]
             state.lengths.update(lengths)
             inputs = [texts[n] for n in lengths]
             try:
@@ -513,8 +543,12 @@ def part_soak(
     url: str,
     texts: dict[int, str],
     r: Report,
+    classifies: bool = True,
 ) -> None:
+    """Mixed traffic (encode, classify where the model has a classification head, generate,
+    stream) at every input length, watching the server's memory, threads and files."""
     max_input = max(texts)
+    kinds = tuple(k for k in SOAK_KINDS if classifies or k != "classify")
     state = _Soak()
     warm: list[ProcSample] = []
     samples: list[ProcSample] = []
@@ -526,7 +560,9 @@ def part_soak(
                 into.append(sample_process(proc.pid))
                 await asyncio.sleep(0.5)
 
-        traffic = _soak_traffic(url, texts, max_input, cfg.soak_clients, seconds, state, seed)
+        traffic = _soak_traffic(
+            url, texts, max_input, cfg.soak_clients, seconds, state, seed, kinds
+        )
         await asyncio.gather(traffic, sampler())
 
     asyncio.run(_warm_extremes(url, texts, max_input))
@@ -1306,7 +1342,8 @@ def run(cfg: ReliabilityConfig, progress: Callable[[str], None] | None = None) -
     report.details["config"] = {**asdict(cfg), "model": str(cfg.model)}
     tokenizer = Tokenizer.from_file(str(cfg.model / contract.TOKENIZER_FILE))
     with server(cfg) as (proc, url):
-        limits = httpx.get(f"{url}/info", timeout=10).json()["limits"]
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        limits = info["limits"]
         max_input, max_new = int(limits["max_input_tokens"]), int(limits["max_new_tokens"])
         prompts = prompt_pool(tokenizer, max_input)
         say("alone: each prompt, one request at a time")
@@ -1314,8 +1351,9 @@ def run(cfg: ReliabilityConfig, progress: Callable[[str], None] | None = None) -
         say(f"load: {cfg.load_clients} streaming clients for {cfg.load_seconds:.0f} s")
         part_load(cfg, url, prompts, alone, report)
         say(f"soak: {cfg.soak_seconds:.0f} s of mixed traffic")
-        texts = {n: text_of_tokens(tokenizer, n) for n in range(2, max_input + 1)}
-        part_soak(cfg, proc, url, texts, report)
+        texts = texts_by_length(tokenizer, max_input)
+        classifies = bool(info.get("config", {}).get("labels", True))
+        part_soak(cfg, proc, url, texts, report, classifies)
         say(f"cancel: {cfg.cancel_streams} streams dropped at random points")
         part_cancel(cfg, url, prompts, alone, max_new, report)
         say("hostile input")

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 from prometheus_client import CollectorRegistry
+from tokenizers import Tokenizer
 
 from seq2serve import reliability
 from seq2serve.engine.generation import DecodeBatch, Sequence, TokenEvent
@@ -160,3 +161,34 @@ def test_pip_audit_finds_no_known_vulnerability():
         pytest.skip(f"pip-audit could audit none of the {len(audit['skipped'])} pinned versions")
     assert audit["dependencies"] >= len(reliability.runtime_requirements())
     assert audit["vulnerabilities"] == [], audit["vulnerabilities"]
+
+
+def _sentencepiece_like() -> Tokenizer:
+    """A tokenizer like opus-mt's where it matters here: every text starts with a word-start
+    piece of its own, and digits merge into pieces of several digits."""
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
+    pieces = ["</s>", "<unk>", "▁", *"0123456789", "12", "34", "345", "a", "x", "."]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    tok = Tokenizer(models.BPE(vocab, [("1", "2"), ("3", "4"), ("34", "5")], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 0)]
+    )
+    return tok
+
+
+def test_filler_texts_have_every_length_a_tokenizer_can_give():
+    """The suite's inputs of a given length in ids, from the default model's tokenizer and
+    from one whose digits merge and whose texts all begin with a piece of their own."""
+    default = Tokenizer.from_file(str(DEFAULT_BUNDLE / "tokenizer.json"))
+    merging = _sentencepiece_like()
+    assert len(merging.encode("0123456789").ids) < 11  # digits alone would not do
+    for tok, shortest in ((default, 2), (merging, 3)):
+        texts = reliability.texts_by_length(tok, 300)
+        assert sorted(texts) == list(range(shortest, 301))
+        for n, text in texts.items():
+            assert len(tok.encode(text).ids) == n
+    with pytest.raises(ValueError, match="exactly 2 ids"):
+        reliability.text_of_tokens(merging, 2)
