@@ -33,6 +33,12 @@ from onnx import helper, numpy_helper
 HEAD_SWAP = [0, 2, 1, 3]
 
 
+def _swaps_heads(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Transpose" and [
+        list(a.ints) for a in node.attribute if a.name == "perm"
+    ] == [HEAD_SWAP]
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -140,8 +146,7 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
     shape = "step.heads_shape"
     dropped: set[int] = set()
     for node in graph.node:
-        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        if node.op_type != "Transpose" or perm != [HEAD_SWAP] or node.output[0] in graph_outputs:
+        if not _swaps_heads(node) or node.output[0] in graph_outputs:
             continue
         source = producers.get(node.input[0])
         users = consumers.get(node.output[0], [])
@@ -185,9 +190,7 @@ def _head_split(
 ) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """The (Reshape to (B, S, H, D), Transpose to (B, H, S, D)) pair that makes ``name``."""
     swap = producers.get(name)
-    if swap is None or swap.op_type != "Transpose":
-        return None
-    if [list(a.ints) for a in swap.attribute if a.name == "perm"] != [HEAD_SWAP]:
+    if swap is None or not _swaps_heads(swap):
         return None
     view = producers.get(swap.input[0])
     return (view, swap) if view is not None and view.op_type == "Reshape" else None
@@ -220,8 +223,7 @@ def attend_unsplit(model: onnx.ModelProto, n_heads: int) -> int:
         merge = users[0]
         merged = consumers.get(merge.output[0], [])
         if (
-            merge.op_type != "Transpose"
-            or [list(a.ints) for a in merge.attribute if a.name == "perm"] != [HEAD_SWAP]
+            not _swaps_heads(merge)
             or not merged
             or any(u.op_type != "Reshape" or u.input[0] != merge.output[0] for u in merged)
         ):
