@@ -542,7 +542,7 @@ def part_soak(
     url: str,
     texts: dict[int, str],
     r: Report,
-    classifies: bool = True,
+    classifies: bool,
 ) -> None:
     """Mixed traffic (encode, classify where the model has a classification head, generate,
     stream) at every input length, watching the server's memory, threads and files."""
@@ -1070,7 +1070,7 @@ def part_hostile(
     alone: dict[Prompt, str],
     max_new: int,
     r: Report,
-    classifies: bool = True,
+    classifies: bool,
 ) -> None:
     part = "6 hostile"
     outcomes: dict[str, Any] = {}

@@ -25,6 +25,8 @@ transposes off the encoder's self-attention. None changes a result:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -39,19 +41,47 @@ def _swaps_heads(node: onnx.NodeProto) -> bool:
     ] == [HEAD_SWAP]
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
+@dataclass
+class _Links:
+    """Who makes and who reads each value of a graph, and which values leave it."""
+
+    producers: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    outputs: set[str]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> _Links:
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        producers = {name: node for node in graph.node for name in node.output}
+        return cls(producers, consumers, {o.name for o in graph.output})
+
+    def read_only_by(self, node: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
+        """``node``'s output goes to ``reader`` alone, and not out of the graph."""
+        name = node.output[0]
+        return name not in self.outputs and all(r is reader for r in self.consumers[name])
+
+
+def _rebuild(
+    graph: onnx.GraphProto,
+    dropped: set[int],
+    before: dict[int, list[onnx.NodeProto]] | None = None,
+) -> None:
+    """The graph's nodes without those whose ids are in ``dropped``, with the nodes of
+    ``before`` put in front of the node whose id keys them."""
+    nodes = []
     for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
+        nodes.extend((before or {}).get(id(node), []))
+        if id(node) not in dropped:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _projection(
-    node: onnx.NodeProto,
-    inits: dict[str, onnx.TensorProto],
-    consumers: dict[str, list[onnx.NodeProto]],
-    graph_outputs: set[str],
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], links: _Links
 ) -> tuple[onnx.NodeProto, str] | None:
     """``node``'s bias Add and the bias's name, when ``node`` is ``x @ W + b`` with W a 2-D
     float initializer, b a 1-D one and the product read by the Add alone."""
@@ -60,13 +90,15 @@ def _projection(
     weight = inits[node.input[1]]
     if len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
         return None
-    users = consumers.get(node.output[0], [])
-    if len(users) != 1 or users[0].op_type != "Add" or node.output[0] in graph_outputs:
+    users = links.consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Add" or not links.read_only_by(node, users[0]):
         return None
-    (bias,) = [name for name in users[0].input if name != node.output[0]] or [None]
-    if bias not in inits or list(inits[bias].dims) != [weight.dims[1]]:
+    others = [name for name in users[0].input if name != node.output[0]]
+    if len(others) != 1 or others[0] not in inits:
         return None
-    return users[0], bias
+    if list(inits[others[0]].dims) != [weight.dims[1]]:
+        return None
+    return users[0], others[0]
 
 
 def fuse_projections(model: onnx.ModelProto) -> int:
@@ -74,11 +106,10 @@ def fuse_projections(model: onnx.ModelProto) -> int:
     [b_1 .. b_n]`` split into the same outputs; returns how many groups were fused."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
-    graph_outputs = {o.name for o in graph.output}
+    links = _Links.of(graph)
     groups: dict[str, list[tuple[onnx.NodeProto, onnx.NodeProto, str]]] = {}
     for node in graph.node:
-        found = _projection(node, inits, consumers, graph_outputs)
+        found = _projection(node, inits, links)
         if found is not None:
             groups.setdefault(node.input[0], []).append((node, *found))
     groups = {x: members for x, members in groups.items() if len(members) > 1}
@@ -115,13 +146,7 @@ def fuse_projections(model: onnx.ModelProto) -> int:
 
     # The fused nodes take the place of the group's first MatMul: x is ready there, and
     # whatever reads a member's output came after that member, so after this place.
-    nodes = []
-    for node in graph.node:
-        nodes.extend(replaced.get(id(node), []))
-        if id(node) not in dropped:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _rebuild(graph, dropped, before=replaced)
     used = {name for node in graph.node for name in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -140,16 +165,15 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
     fails in the Reshape instead of mixing heads and tokens.
     """
     graph = step.graph
-    producers = {name: node for node in graph.node for name in node.output}
-    consumers = _consumers(graph)
-    graph_outputs = {o.name for o in graph.output}
+    links = _Links.of(graph)
     shape = "step.heads_shape"
     dropped: set[int] = set()
+    splits = 0
     for node in graph.node:
-        if not _swaps_heads(node) or node.output[0] in graph_outputs:
+        if not _swaps_heads(node) or node.output[0] in links.outputs:
             continue
-        source = producers.get(node.input[0])
-        users = consumers.get(node.output[0], [])
+        source = links.producers.get(node.input[0])
+        users = links.consumers.get(node.output[0], [])
         reads_heads = users and all(
             (u.op_type == "Attention" and u.input[0] == node.output[0])
             or (u.op_type == "TensorScatter" and u.input[1] == node.output[0])
@@ -159,13 +183,13 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
             reads_heads
             and source is not None
             and source.op_type == "Reshape"
-            and len(consumers[source.output[0]]) == 1
-            and source.output[0] not in graph_outputs
+            and links.read_only_by(source, node)
         ):
             node.op_type = "Reshape"
             del node.attribute[:]
             node.input[:] = [source.input[0], shape]
             dropped.add(id(source))
+            splits += 1
         elif (
             source is not None
             and source.op_type == "Attention"
@@ -175,24 +199,20 @@ def fold_head_transposes(step: onnx.ModelProto, n_heads: int, head_dim: int) -> 
             for u in users:
                 u.input[0] = node.input[0]
             dropped.add(id(node))
-    if any(n.op_type == "Reshape" and shape in n.input for n in graph.node):
+    if splits:
         graph.initializer.append(
             numpy_helper.from_array(np.array([0, n_heads, 1, head_dim], np.int64), shape)
         )
-    kept = [n for n in graph.node if id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
+    _rebuild(graph, dropped)
     return len(dropped)
 
 
-def _head_split(
-    name: str, producers: dict[str, onnx.NodeProto]
-) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+def _head_split(name: str, links: _Links) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """The (Reshape to (B, S, H, D), Transpose to (B, H, S, D)) pair that makes ``name``."""
-    swap = producers.get(name)
+    swap = links.producers.get(name)
     if swap is None or not _swaps_heads(swap):
         return None
-    view = producers.get(swap.input[0])
+    view = links.producers.get(swap.input[0])
     return (view, swap) if view is not None and view.op_type == "Reshape" else None
 
 
@@ -201,27 +221,20 @@ def attend_unsplit(model: onnx.ModelProto, n_heads: int) -> int:
     and whose output is merged back by a Transpose and a Reshape, those tensors and
     ``n_heads`` instead; returns how many Attentions were rewritten."""
     graph = model.graph
-    producers = {name: node for node in graph.node for name in node.output}
-    consumers = _consumers(graph)
-    graph_outputs = {o.name for o in graph.output}
-
-    def only_for(made: onnx.NodeProto, reader: onnx.NodeProto) -> bool:
-        return made.output[0] not in graph_outputs and all(
-            r is reader for r in consumers[made.output[0]]
-        )
-
+    links = _Links.of(graph)
     dropped: set[int] = set()
-    rewritten = 0
+    rewritten: set[str] = set()  # the rewritten Attentions' outputs
+    count = 0
     for node in graph.node:
         if node.op_type != "Attention" or any(a.name.endswith("num_heads") for a in node.attribute):
             continue
-        found = [_head_split(name, producers) for name in node.input[:3]]
+        found = [_head_split(name, links) for name in node.input[:3]]
         splits = [s for s in found if s is not None]
-        users = consumers.get(node.output[0], [])
+        users = links.consumers.get(node.output[0], [])
         if len(splits) != 3 or len(users) != 1:
             continue
         merge = users[0]
-        merged = consumers.get(merge.output[0], [])
+        merged = links.consumers.get(merge.output[0], [])
         if (
             not _swaps_heads(merge)
             or not merged
@@ -230,7 +243,7 @@ def attend_unsplit(model: onnx.ModelProto, n_heads: int) -> int:
             continue
         for i, (view, swap) in enumerate(splits):
             node.input[i] = view.input[0]
-            if only_for(swap, node) and only_for(view, swap):
+            if links.read_only_by(swap, node) and links.read_only_by(view, swap):
                 dropped.update((id(view), id(swap)))
         node.attribute.extend(
             [
@@ -241,13 +254,11 @@ def attend_unsplit(model: onnx.ModelProto, n_heads: int) -> int:
         for reshape in merged:  # to (B, S, C), which the output already is: done in place
             reshape.input[0] = node.output[0]
         dropped.add(id(merge))
-        rewritten += 1
-    kept = [n for n in graph.node if id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
+        rewritten.update(node.output)
+        count += 1
+    _rebuild(graph, dropped)
     # The shapes the exporter inferred for the rewritten outputs were 4-D.
-    outputs = {name for n in kept if n.op_type == "Attention" for name in n.output}
-    shapes = [v for v in graph.value_info if v.name not in outputs]
+    shapes = [v for v in graph.value_info if v.name not in rewritten]
     del graph.value_info[:]
     graph.value_info.extend(shapes)
-    return rewritten
+    return count
