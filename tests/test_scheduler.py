@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from seq2serve.engine.generation import DecodeBatch, SamplingParams, run_to_comp
 from seq2serve.engine.metrics import EngineMetrics
 from seq2serve.engine.runtime import OnnxBackend
 from seq2serve.engine.scheduler import (
+    RETURN_RATE_TO_WAIT,
     Engine,
     EngineLimits,
     EngineStopped,
@@ -306,6 +308,66 @@ def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts)
     assert joins == [sorted(s.id for s in done)]
     for seq, text in zip(done, TEXTS, strict=False):
         assert seq.generated == alone(parts, text, params)
+
+
+@pytest.mark.parametrize(("return_rate", "waits"), [(1.0, True), (0.0, False)])
+def test_a_turn_without_joiners_waits_for_clients_that_come_back(parts, return_rate, waits):
+    """A step ended a sequence while another runs on, and no request waits. Where clients
+    have been coming back (``return_rate``), the next turn waits for the client before
+    stepping, and its request joins the running sequence before that step; where they
+    have not, the running sequence steps on."""
+    ids = [parts[1].encode(t).ids for t in TEXTS[:2]]
+    params = SamplingParams(max_new_tokens=3)
+    running = SamplingParams(max_new_tokens=60, ignore_eos=True)
+
+    async def go(engine, _):
+        engine.return_grace_s = 5.0  # the wait, not its bound, is under test
+        other = engine.generate_stream(ids[1], running)
+        async for _ in other:  # in the batch
+            break
+        engine.return_rate = return_rate
+        expect_clients_back(engine, 1)
+        before = engine.batch._steps
+        await asyncio.sleep(0.2)
+        during = engine.batch._steps - before
+        back = await engine.generate_stream(ids[0], params).result()
+        return during, back, await other.result()
+
+    during, back, other = run(go, parts)
+    if waits:
+        assert during <= 1  # at most the step under way when the step ended the sequence
+    else:
+        assert during >= 5
+    assert back.generated == alone(parts, TEXTS[0], params)
+    assert other.generated == alone(parts, TEXTS[1], running)
+
+
+def test_the_return_rate_follows_whether_clients_come_back(parts):
+    """Each step that ends sequences adds the share of their clients back within the grace
+    to the running rate: a client that sends its next request as the last one ends raises
+    it past the bar for waiting; one that comes back later than the grace lowers it."""
+    params = SamplingParams(max_new_tokens=3)
+    ids = parts[1].encode(TEXTS[0]).ids
+
+    async def go(engine, _):
+        engine.return_grace_s = 5.0
+        rates = []
+        for _ in range(6):  # back at once
+            await engine.generate_stream(ids, params).result()
+            rates.append(engine.return_rate)
+        engine.return_grace_s = 0.001
+        for _ in range(6):  # back later than the grace
+            await asyncio.sleep(0.05)
+            await engine.generate_stream(ids, params).result()
+            rates.append(engine.return_rate)
+        return rates
+
+    rates = run(go, parts)
+    assert rates[0] == 0.0  # no step had ended a sequence before the first request
+    assert all(a <= b for a, b in itertools.pairwise(rates[:6]))
+    assert rates[5] >= RETURN_RATE_TO_WAIT
+    assert all(a >= b for a, b in itertools.pairwise(rates[6:]))
+    assert rates[-1] < RETURN_RATE_TO_WAIT
 
 
 def test_a_beam_search_request_counts_as_a_client_back(parts):
