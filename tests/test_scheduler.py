@@ -310,12 +310,18 @@ def test_a_join_waits_for_the_clients_whose_sequences_the_last_step_ended(parts)
         assert seq.generated == alone(parts, text, params)
 
 
-@pytest.mark.parametrize(("return_rate", "waits"), [(1.0, True), (0.0, False)])
-def test_a_turn_without_joiners_waits_for_clients_that_come_back(parts, return_rate, waits):
+@pytest.mark.parametrize(
+    ("return_rate", "return_wait", "waits"),
+    [(1.0, 0.0, True), (0.0, 0.0, False), (1.0, 1.0, False)],
+)
+def test_a_turn_without_joiners_waits_for_clients_that_come_back(
+    parts, return_rate, return_wait, waits
+):
     """A step ended a sequence while another runs on, and no request waits. Where clients
-    have been coming back (``return_rate``), the next turn waits for the client before
-    stepping, and its request joins the running sequence before that step; where they
-    have not, the running sequence steps on."""
+    have been coming back (``return_rate``), all soon next to a step (``return_wait``), the
+    next turn waits for the client before stepping, and its request joins the running
+    sequence before that step; where they have not, or took longer than a step, the
+    running sequence steps on."""
     ids = [parts[1].encode(t).ids for t in TEXTS[:2]]
     params = SamplingParams(max_new_tokens=3)
     running = SamplingParams(max_new_tokens=60, ignore_eos=True)
@@ -325,7 +331,7 @@ def test_a_turn_without_joiners_waits_for_clients_that_come_back(parts, return_r
         other = engine.generate_stream(ids[1], running)
         async for _ in other:  # in the batch
             break
-        engine.return_rate = return_rate
+        engine.return_rate, engine.return_wait = return_rate, return_wait
         expect_clients_back(engine, 1)
         before = engine.batch._steps
         await asyncio.sleep(0.2)
@@ -342,31 +348,38 @@ def test_a_turn_without_joiners_waits_for_clients_that_come_back(parts, return_r
     assert other.generated == alone(parts, TEXTS[1], running)
 
 
-def test_the_return_rate_follows_whether_clients_come_back(parts):
+def test_the_return_rate_and_wait_follow_the_clients(parts):
     """Each step that ends sequences adds the share of their clients back within the grace
-    to the running rate: a client that sends its next request as the last one ends raises
-    it past the bar for waiting; one that comes back later than the grace lowers it."""
+    to the running rate, and the time from its tokens handed over to the last of them back
+    to the running wait a step (which every step without such clients lowers): clients that
+    send their next request as the last one ends raise the rate past the bar for waiting
+    and lower the wait; clients back 100 ms later keep the rate and raise the wait; clients
+    back later than the grace lower the rate."""
     params = SamplingParams(max_new_tokens=3)
     ids = parts[1].encode(TEXTS[0]).ids
 
     async def go(engine, _):
         engine.return_grace_s = 5.0
-        rates = []
-        for _ in range(6):  # back at once
+        rates, waits = [], []
+        for pause in [0.0] * 6 + [0.1] * 4:  # back at once, then 100 ms later
+            await asyncio.sleep(pause)
             await engine.generate_stream(ids, params).result()
             rates.append(engine.return_rate)
+            waits.append(engine.return_wait)
         engine.return_grace_s = 0.001
         for _ in range(6):  # back later than the grace
             await asyncio.sleep(0.05)
             await engine.generate_stream(ids, params).result()
             rates.append(engine.return_rate)
-        return rates
+        return rates, waits
 
-    rates = run(go, parts)
+    rates, waits = run(go, parts)
     assert rates[0] == 0.0  # no step had ended a sequence before the first request
-    assert all(a <= b for a, b in itertools.pairwise(rates[:6]))
+    assert all(a <= b for a, b in itertools.pairwise(rates[:10]))
     assert rates[5] >= RETURN_RATE_TO_WAIT
-    assert all(a >= b for a, b in itertools.pairwise(rates[6:]))
+    assert waits[5] < waits[0]  # each wait for them would have been about 0
+    assert waits[9] > 3 * waits[5]  # each 100 ms, every other step
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
     assert rates[-1] < RETURN_RATE_TO_WAIT
 
 
