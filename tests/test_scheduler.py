@@ -353,8 +353,9 @@ def test_the_return_rate_and_wait_follow_the_clients(parts):
     to the running rate, and the time from its tokens handed over to the last of them back
     to the running wait a step (which every step without such clients lowers): clients that
     send their next request as the last one ends raise the rate past the bar for waiting
-    and lower the wait; clients back 100 ms later keep the rate and raise the wait; clients
-    back later than the grace lower the rate."""
+    and lower the wait; clients back 100 ms later keep the rate and raise the wait; a long
+    request's steps, which end nothing, lower the wait; clients back later than the grace
+    lower the rate."""
     params = SamplingParams(max_new_tokens=3)
     ids = parts[1].encode(TEXTS[0]).ids
 
@@ -367,6 +368,9 @@ def test_the_return_rate_and_wait_follow_the_clients(parts):
             rates.append(engine.return_rate)
             waits.append(engine.return_wait)
         engine.return_grace_s = 0.001
+        long = SamplingParams(max_new_tokens=41, ignore_eos=True)
+        await engine.generate_stream(ids, long).result()  # back at once, then 40 steps
+        waits.append(engine.return_wait)
         for _ in range(6):  # back later than the grace
             await asyncio.sleep(0.05)
             await engine.generate_stream(ids, params).result()
@@ -379,6 +383,7 @@ def test_the_return_rate_and_wait_follow_the_clients(parts):
     assert rates[5] >= RETURN_RATE_TO_WAIT
     assert waits[5] < waits[0]  # each wait for them would have been about 0
     assert waits[9] > 3 * waits[5]  # each 100 ms, every other step
+    assert waits[10] < 0.6 * waits[9]  # 0.98 ** 40 = 0.45 of it, and about 0 once
     assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
     assert rates[-1] < RETURN_RATE_TO_WAIT
 
