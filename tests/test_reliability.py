@@ -111,6 +111,30 @@ def test_an_engine_fault_fails_one_request_alone(tiny_bundle, monkeypatch):
         assert srv.metrics()["seq2serve_active_sequences{}"] == 0
 
 
+@pytest.mark.slow
+def test_a_slow_reader_is_judged_after_its_generation_ends(tiny_bundle):
+    """The slow-reader check of the hostile part counts slots and requests held only once
+    the reader's generation should be over, however long it takes on the host: here its
+    steps take 45 ms, so its 64 tokens take longer than the two seconds the check once
+    assumed. Its slot stays active while it generates and is released after, while the
+    reader has read a few bytes."""
+    settings = settings_for(tiny_bundle, max_batch_size=8)
+    registry = CollectorRegistry()
+    engine = slow_engine(tiny_bundle, settings, delay_s=0.045, registry=registry)
+    with running_server(settings, engine=engine, registry=registry) as srv, srv.client() as c:
+        prompt = reliability.Prompt(OTHERS[0], 4)
+        body = {"inputs": prompt.inputs, "parameters": prompt.parameters()}
+        alone = {prompt: c.post("/v1/generate", json=body).json()["generated_text"]}
+        max_new = c.get("/info").json()["limits"]["max_new_tokens"]
+        slow = reliability._slow_client(srv.base_url, 1.0, max_new, alone, [prompt])
+    assert slow["generation_alone_s"] > 2.5
+    assert slow["server_closed_after_s"] is None and slow["bytes_read"] < 100
+    assert slow["others_ok"] == slow["others"] > 0
+    assert slow["active_sequences_while_stalled"][:2] == [1, 1]  # generating meanwhile
+    slots, requests, after = reliability.held_after_generation(slow)
+    assert after >= 2 and slots == [] and requests == []
+
+
 # -- security ------------------------------------------------------------------------------
 
 
