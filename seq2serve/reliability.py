@@ -1123,13 +1123,13 @@ def part_hostile(
         r.details["hostile_failures"] = bad
     slow = _slow_client(url, cfg.slow_client_s, max_new, alone, prompts)
     r.details["slow_client"] = slow
-    slots, requests, after = held_after_generation(slow)
+    slots, requests, judged = held_after_generation(slow)
     r.check(
         part,
         "slow reader: batch slots held after its generation",
-        f"{len(slots)} of {after}",
+        f"{len(slots)} of {judged}",
         "0",
-        after > 0 and not slots,
+        judged > 0 and not slots,
     )
     r.check(
         part,
@@ -1141,9 +1141,9 @@ def part_hostile(
     r.check(
         part,
         "slow reader: server requests held after its generation",
-        f"{len(requests)} of {after}",
+        f"{len(requests)} of {judged}",
         "0",
-        after > 0 and not requests,
+        judged > 0 and not requests,
     )
     active = metric(url, "seq2serve_active_sequences")
     r.check(part, "active sequences after", active, "0", active == 0)

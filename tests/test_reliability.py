@@ -131,8 +131,8 @@ def test_a_slow_reader_is_judged_after_its_generation_ends(tiny_bundle):
     assert slow["server_closed_after_s"] is None and slow["bytes_read"] < 100
     assert slow["others_ok"] == slow["others"] > 0
     assert slow["active_sequences_while_stalled"][:2] == [1, 1]  # generating meanwhile
-    slots, requests, after = reliability.held_after_generation(slow)
-    assert after >= 2 and slots == [] and requests == []
+    slots, requests, judged = reliability.held_after_generation(slow)
+    assert judged >= 2 and slots == [] and requests == []
 
 
 # -- security ------------------------------------------------------------------------------
