@@ -1011,9 +1011,9 @@ def _slow_client(
     url: str, seconds: float, max_new: int, alone: dict[Prompt, str], prompts: list[Prompt]
 ) -> dict[str, Any]:
     """A raw-socket client with a tiny receive buffer that reads one byte a second, for
-    ``seconds`` or until twice the time its generation takes alone and 3 s more (a large
-    model on a slow host may take longer than ``seconds`` to generate ``max_new`` tokens).
-    """
+    ``seconds`` or until two samples after its generation should be over (``over_after``),
+    whichever is longer: a large model on a slow host may take longer than ``seconds`` to
+    generate ``max_new`` tokens."""
     host, port = url.removeprefix("http://").split(":")
     request = {
         "inputs": PHRASES[0],
@@ -1022,7 +1022,7 @@ def _slow_client(
     started = time.monotonic()
     httpx.post(f"{url}/v1/generate", json=request, timeout=600).raise_for_status()
     generation_s = time.monotonic() - started
-    seconds = max(seconds, 2 * generation_s + 3)
+    seconds = max(seconds, over_after(generation_s) + 2)
     body = json.dumps({**request, "stream": True}).encode()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
@@ -1072,12 +1072,18 @@ def _slow_client(
     }
 
 
+def over_after(generation_s: float) -> float:
+    """Seconds after the slow reader's request by which its generation should be over,
+    beside the requests sent meanwhile: twice its time alone, and a second."""
+    return 2 * generation_s + 1
+
+
 def held_after_generation(slow: dict[str, Any]) -> tuple[list[float], list[float], int]:
-    """Of the slow reader's samples taken once its generation should be over (twice its
-    time alone, and a second): the batch slots still active, the server requests still in
-    flight beyond the /metrics request that reads them, and how many samples that was.
-    Its tokens are generated whether it reads them or not, so both should be none."""
-    after = 2 * slow["generation_alone_s"] + 1
+    """Of the slow reader's samples taken once its generation should be over
+    (``over_after``): the batch slots still active, the server requests still in flight
+    beyond the /metrics request that reads them, and how many samples that was. Its tokens
+    are generated whether it reads them or not, so both should be none."""
+    after = over_after(slow["generation_alone_s"])
     late = [i for i, t in enumerate(slow["sampled_at_s"]) if t >= after]
     active, in_flight = slow["active_sequences_while_stalled"], slow["in_flight_while_stalled"]
     slots = [active[i] for i in late if active[i] > 0]

@@ -123,8 +123,7 @@ def test_a_slow_reader_is_judged_after_its_generation_ends(tiny_bundle):
     engine = slow_engine(tiny_bundle, settings, delay_s=0.045, registry=registry)
     with running_server(settings, engine=engine, registry=registry) as srv, srv.client() as c:
         prompt = reliability.Prompt(OTHERS[0], 4)
-        body = {"inputs": prompt.inputs, "parameters": prompt.parameters()}
-        alone = {prompt: c.post("/v1/generate", json=body).json()["generated_text"]}
+        alone = reliability.alone_results(srv.base_url, [prompt])
         max_new = c.get("/info").json()["limits"]["max_new_tokens"]
         slow = reliability._slow_client(srv.base_url, 1.0, max_new, alone, [prompt])
     assert slow["generation_alone_s"] > 2.5
