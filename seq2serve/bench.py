@@ -869,6 +869,14 @@ def bench_serving(
             result["ctranslate2_http"] = bench_ct2_server(cfg, ct2_model, texts, stagger)
         except RuntimeError as err:
             progress(f"the CTranslate2 server failed, its row is skipped: {err}")
+        if "ctranslate2_http" in result:
+            from seq2serve.hf.ct2_server import workers
+
+            # The peer's load with seq2serve decoding as many requests at a time as the peer:
+            # the server's memory apart from the requests in flight that the peer keeps waiting.
+            limit = workers(cfg.threads)
+            progress(f"serving {name}: {clients} streams, batch limit {limit} (the peer's)")
+            result["http_n_peer_batch"] = bench_at_batch_limit(cfg, env, limit, texts, stagger)
     if compare_batch_1:
         progress(f"serving {name}: {clients} streaming clients, batch size 1")
         proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": "1"})
@@ -902,18 +910,40 @@ def bench_ct2_server(
     tokenizer = cfg.model / contract.TOKENIZER_FILE
     proc, url = launch(lambda port: ct2_server.command(ct2_model, tokenizer, port, cfg.threads), {})
     nice = client_nice(proc.pid)
-    clients, seconds = cfg.server_clients, cfg.server_seconds / ROUNDS
     try:
         run_client(_load(url, texts, 1, 1.0, cfg.new_tokens), nice)  # warm-up
-        one = run_client(_load(url, texts, 1, seconds / 2, cfg.new_tokens), nice)
-        with ResidentMemory(proc.pid) as sampler:
-            many = run_client(_load(url, texts, clients, seconds, cfg.new_tokens, stagger), nice)
+        seconds = cfg.server_seconds / ROUNDS / 2
+        one = run_client(_load(url, texts, 1, seconds, cfg.new_tokens), nice)
+        many = staggered_load(proc.pid, url, cfg, texts, stagger)
     finally:
         stop_server(proc)
-    return {
-        "http_1": summarize([one]),
-        "http_n": {**summarize([many]), **memory_figures(sampler.samples)},
-    }
+    return {"http_1": summarize([one]), "http_n": many}
+
+
+def bench_at_batch_limit(
+    cfg: BenchConfig, env: dict[str, str], limit: int, texts: list[str], stagger: float
+) -> dict[str, Any]:
+    """``staggered_load`` against a server of ours whose batch limit is ``limit``."""
+    proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": str(limit)})
+    try:
+        run_client(_load(url, texts, 1, 1.0, cfg.new_tokens), client_nice(proc.pid))  # warm-up
+        return {"max_batch_size": limit, **staggered_load(proc.pid, url, cfg, texts, stagger)}
+    finally:
+        stop_server(proc)
+
+
+def staggered_load(
+    pid: int, url: str, cfg: BenchConfig, texts: list[str], stagger: float
+) -> dict[str, Any]:
+    """One round's ``server_clients`` streams arriving ``stagger`` seconds apart against the
+    server ``pid`` at ``url``: the load's figures and the server's resident memory under it."""
+    seconds = cfg.server_seconds / ROUNDS
+    with ResidentMemory(pid) as sampler:
+        run = run_client(
+            _load(url, texts, cfg.server_clients, seconds, cfg.new_tokens, stagger),
+            client_nice(pid),
+        )
+    return {**summarize([run]), **memory_figures(sampler.samples)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1112,6 +1142,23 @@ def _split(ours: dict[str, Any], peer: dict[str, Any]) -> str:
     )
 
 
+def at_peer_batch(name: str, serving: dict[str, Any]) -> str:
+    """The line weighing the peer's server against ours at the peer's batch limit (empty
+    without both runs): the memory, throughput and time to first token of each."""
+    if "http_n_peer_batch" not in serving or "ctranslate2_http" not in serving:
+        return ""
+    ours, peer = serving["http_n_peer_batch"], serving["ctranslate2_http"]["http_n"]
+    return (
+        f"{name}, the same streams with seq2serve's batch limit at {ours['max_batch_size']} "
+        "(the requests CTranslate2's server decodes at a time): "
+        f"{ours.get('rss_mb_max', float('nan')):.0f} vs "
+        f"{peer.get('rss_mb_max', float('nan')):.0f} MB at the peak"
+        + _split(ours, peer)
+        + f", {ours['tokens_per_s']:.0f} vs {peer['tokens_per_s']:.0f} tokens/s, "
+        f"p95 TTFT {ours['ttft_ms_p95']:.0f} vs {peer['ttft_ms_p95']:.0f} ms"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     decode, floor = results["decode"], results["floor"]
     batch_sizes = [str(b) for b in results["config"]["batch_sizes"]]
@@ -1210,6 +1257,7 @@ def table(results: dict[str, Any]) -> str:
                     f"{hn.get('rss_mb_max', float('nan')):.0f} vs "
                     f"{cn.get('rss_mb_max', float('nan')):.0f} MB at the peak" + _split(hn, cn)
                 )
+        lines += [f"\n{line}" for name, s in serving.items() if (line := at_peer_batch(name, s))]
         for name, s in serving.items():
             lines.append(
                 f"\n{name}: HTTP {n} streams / the engine under the same arrivals: "

@@ -291,3 +291,54 @@ def test_the_memory_figures_split_the_peak_sample_not_the_largest_parts():
         "rss_file_mb_at_max": 50,
     }
     assert bench.memory_figures([]) == {}
+
+
+def test_the_peers_load_is_also_served_at_the_peers_batch_limit(tiny_bundle, monkeypatch):
+    """Beside CTranslate2's server, the same streams go to a server of ours that decodes as
+    many requests at a time as that server does (one per worker thread); without that
+    server's figures, there is nothing to weigh it against and it does not run."""
+    from seq2serve.hf import ct2_server
+
+    _replace_the_loads(monkeypatch)
+    limits: list[str] = []
+    start = bench.start_server
+    monkeypatch.setattr(
+        bench,
+        "start_server",
+        lambda model, env: (limits.append(env["SEQ2SERVE_MAX_BATCH_SIZE"]), start(model, env))[1],
+    )
+    peer = {"http_1": {}, "http_n": {"tokens_per_s": 50.0, "ttft_ms_p95": 900.0}}
+    monkeypatch.setattr(bench, "bench_ct2_server", lambda *args: peer)
+    cfg = bench.BenchConfig(tiny_bundle, server_clients=2, new_tokens=4, server_seconds=0.3)
+    workers = ct2_server.workers(cfg.threads)  # a worker per core
+    out = bench.bench_serving(
+        cfg, True, lambda _: None, compare_batch_1=False, ct2_model=tiny_bundle
+    )
+    assert workers == os.cpu_count()
+    assert limits == ["32", str(workers)]  # the measured server, then one at the peer's limit
+    assert out["http_n_peer_batch"]["max_batch_size"] == workers
+    assert out["http_n_peer_batch"]["tokens_per_s"] == 150  # the replaced load's figures
+
+    def failed(*args):
+        raise RuntimeError("CTranslate2 is not installed")
+
+    limits.clear()
+    monkeypatch.setattr(bench, "bench_ct2_server", failed)
+    out = bench.bench_serving(
+        cfg, True, lambda _: None, compare_batch_1=False, ct2_model=tiny_bundle
+    )
+    assert limits == ["32"] and "http_n_peer_batch" not in out
+
+
+def test_the_table_weighs_the_peer_against_ours_at_its_batch_limit():
+    ours = {"max_batch_size": 2, "tokens_per_s": 595.2, "ttft_ms_p95": 1612.0, "rss_mb_max": 213.7,
+            "rss_anon_mb_at_max": 161.4, "rss_file_mb_at_max": 52.3}  # fmt: skip
+    peer = {"tokens_per_s": 340.1, "ttft_ms_p95": 2720.8, "rss_mb_max": 179.2,
+            "rss_anon_mb_at_max": 149.4, "rss_file_mb_at_max": 29.8}  # fmt: skip
+    line = bench.at_peer_batch(
+        "int8", {"http_n_peer_batch": ours, "ctranslate2_http": {"http_n": peer}}
+    )
+    assert line.startswith("int8, the same streams with seq2serve's batch limit at 2 ")
+    assert "214 vs 179 MB at the peak (anonymous 161 vs 149, mapped files 52 vs 30)" in line
+    assert line.endswith(", 595 vs 340 tokens/s, p95 TTFT 1612 vs 2721 ms")
+    assert bench.at_peer_batch("int8", {"http_n_peer_batch": ours}) == ""

@@ -39,12 +39,17 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
+def workers(threads: int | None) -> int:
+    """How many requests the server decodes at once: one per worker, a worker per thread
+    (``--threads``, default every core)."""
+    return threads or os.cpu_count() or 1
+
+
 def create_app(model: Path, tokenizer_file: Path, threads: int | None = None) -> FastAPI:
     import ctranslate2
 
-    workers = threads or os.cpu_count() or 1
     translator = ctranslate2.Translator(
-        str(model), device="cpu", inter_threads=workers, intra_threads=1
+        str(model), device="cpu", inter_threads=workers(threads), intra_threads=1
     )
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     app = FastAPI()
