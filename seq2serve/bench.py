@@ -876,22 +876,14 @@ def bench_serving(
             # the server's memory apart from the requests in flight that the peer keeps waiting.
             limit = workers(cfg.threads)
             progress(f"serving {name}: {clients} streams, batch limit {limit} (the peer's)")
-            result["http_n_peer_batch"] = bench_at_batch_limit(cfg, env, limit, texts, stagger)
+            result["http_n_peer_batch"] = bench_at_batch_limit(
+                cfg, env, limit, texts, stagger, cfg.server_seconds / ROUNDS
+            )
     if compare_batch_1:
         progress(f"serving {name}: {clients} streaming clients, batch size 1")
-        proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": "1"})
-        nice = client_nice(proc.pid)
-        try:
-            result["http_n_batch_1"] = summarize(
-                [
-                    run_client(
-                        _load(url, texts, clients, cfg.server_seconds, cfg.new_tokens, stagger),
-                        nice,
-                    )
-                ]
-            )
-        finally:
-            stop_server(proc)
+        result["http_n_batch_1"] = bench_at_batch_limit(
+            cfg, env, 1, texts, stagger, cfg.server_seconds
+        )
     return result
 
 
@@ -912,32 +904,39 @@ def bench_ct2_server(
     nice = client_nice(proc.pid)
     try:
         run_client(_load(url, texts, 1, 1.0, cfg.new_tokens), nice)  # warm-up
-        seconds = cfg.server_seconds / ROUNDS / 2
-        one = run_client(_load(url, texts, 1, seconds, cfg.new_tokens), nice)
-        many = staggered_load(proc.pid, url, cfg, texts, stagger)
+        seconds = cfg.server_seconds / ROUNDS
+        one = run_client(_load(url, texts, 1, seconds / 2, cfg.new_tokens), nice)
+        many = staggered_load(proc.pid, url, cfg, texts, stagger, seconds)
     finally:
         stop_server(proc)
     return {"http_1": summarize([one]), "http_n": many}
 
 
 def bench_at_batch_limit(
-    cfg: BenchConfig, env: dict[str, str], limit: int, texts: list[str], stagger: float
+    cfg: BenchConfig,
+    env: dict[str, str],
+    limit: int,
+    texts: list[str],
+    stagger: float,
+    seconds: float,
 ) -> dict[str, Any]:
-    """``staggered_load`` against a server of ours whose batch limit is ``limit``."""
+    """``staggered_load`` for ``seconds`` against a server of ours whose batch limit is
+    ``limit``, after a one-second warm-up stream."""
     proc, url = start_server(cfg.model, {**env, "SEQ2SERVE_MAX_BATCH_SIZE": str(limit)})
     try:
         run_client(_load(url, texts, 1, 1.0, cfg.new_tokens), client_nice(proc.pid))  # warm-up
-        return {"max_batch_size": limit, **staggered_load(proc.pid, url, cfg, texts, stagger)}
+        load = staggered_load(proc.pid, url, cfg, texts, stagger, seconds)
+        return {"max_batch_size": limit, **load}
     finally:
         stop_server(proc)
 
 
 def staggered_load(
-    pid: int, url: str, cfg: BenchConfig, texts: list[str], stagger: float
+    pid: int, url: str, cfg: BenchConfig, texts: list[str], stagger: float, seconds: float
 ) -> dict[str, Any]:
-    """One round's ``server_clients`` streams arriving ``stagger`` seconds apart against the
-    server ``pid`` at ``url``: the load's figures and the server's resident memory under it."""
-    seconds = cfg.server_seconds / ROUNDS
+    """``server_clients`` streams arriving ``stagger`` seconds apart against the server
+    ``pid`` at ``url`` for ``seconds``: the load's figures and the server's resident memory
+    under it."""
     with ResidentMemory(pid) as sampler:
         run = run_client(
             _load(url, texts, cfg.server_clients, seconds, cfg.new_tokens, stagger),

@@ -312,12 +312,14 @@ def test_the_peers_load_is_also_served_at_the_peers_batch_limit(tiny_bundle, mon
     cfg = bench.BenchConfig(tiny_bundle, server_clients=2, new_tokens=4, server_seconds=0.3)
     workers = ct2_server.workers(cfg.threads)  # a worker per core
     out = bench.bench_serving(
-        cfg, True, lambda _: None, compare_batch_1=False, ct2_model=tiny_bundle
+        cfg, True, lambda _: None, compare_batch_1=True, ct2_model=tiny_bundle
     )
     assert workers == os.cpu_count()
-    assert limits == ["32", str(workers)]  # the measured server, then one at the peer's limit
+    # The measured server, one at the peer's limit, then one at batch size 1.
+    assert limits == ["32", str(workers), "1"]
     assert out["http_n_peer_batch"]["max_batch_size"] == workers
     assert out["http_n_peer_batch"]["tokens_per_s"] == 150  # the replaced load's figures
+    assert out["http_n_batch_1"]["max_batch_size"] == 1
 
     def failed(*args):
         raise RuntimeError("CTranslate2 is not installed")
