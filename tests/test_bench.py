@@ -300,13 +300,14 @@ def test_the_peers_load_is_also_served_at_the_peers_batch_limit(tiny_bundle, mon
     from seq2serve.hf import ct2_server
 
     _replace_the_loads(monkeypatch)
-    limits: list[str] = []
+    limits: list[str] = []  # each server's batch limit, in the order they start
     start = bench.start_server
-    monkeypatch.setattr(
-        bench,
-        "start_server",
-        lambda model, env: (limits.append(env["SEQ2SERVE_MAX_BATCH_SIZE"]), start(model, env))[1],
-    )
+
+    def starting(model, env):
+        limits.append(env["SEQ2SERVE_MAX_BATCH_SIZE"])
+        return start(model, env)
+
+    monkeypatch.setattr(bench, "start_server", starting)
     peer = {"http_1": {}, "http_n": {"tokens_per_s": 50.0, "ttft_ms_p95": 900.0}}
     monkeypatch.setattr(bench, "bench_ct2_server", lambda *args: peer)
     cfg = bench.BenchConfig(tiny_bundle, server_clients=2, new_tokens=4, server_seconds=0.3)
